@@ -1,0 +1,48 @@
+"""dsocr-mlx: DeepSeek-OCR on Apple Silicon through MLX.
+
+    import dsocr_mlx
+    model = dsocr_mlx.load("deepseek-ai/DeepSeek-OCR")
+    print(model.ocr("page.png").text)
+
+Importing this package imports neither mlx nor torch; the backend loads with the model.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+__version__ = "0.1.0"
+__all__ = ["load", "OCRModel", "OCRResult", "ProcessedInputs", "__version__"]
+
+if TYPE_CHECKING:
+    from .pipeline import OCRModel, OCRResult
+    from .processing import ProcessedInputs
+
+
+def load(path_or_repo_id: str = "deepseek-ai/DeepSeek-OCR", backend: str = "mlx", dtype: str = "float16") -> OCRModel:
+    """Load DeepSeek-OCR from a local folder or a Hugging Face repo id.
+
+    Args:
+        path_or_repo_id: a model folder (original Hugging Face layout) or a repo id such as
+            ``deepseek-ai/DeepSeek-OCR`` (downloaded once into the huggingface_hub cache).
+        backend: ``"mlx"``.
+        dtype: ``"float16"`` (default), ``"bfloat16"`` or ``"float32"``.
+
+    Returns:
+        An :class:`OCRModel` ready for ``prepare``, ``ocr`` and friends.
+    """
+    from .pipeline import OCRModel
+
+    return OCRModel.load(path_or_repo_id, backend=backend, dtype=dtype)
+
+
+def __getattr__(name: str):
+    if name in ("OCRModel", "OCRResult"):
+        from . import pipeline
+
+        return getattr(pipeline, name)
+    if name == "ProcessedInputs":
+        from .processing import ProcessedInputs
+
+        return ProcessedInputs
+    raise AttributeError(f"module 'dsocr_mlx' has no attribute {name!r}")

@@ -1,0 +1,30 @@
+"""Backends run the same model: MLX (Apple Silicon, or CPU on Linux) and, later, PyTorch.
+
+Each is imported lazily, so ``import dsocr_mlx`` pulls in neither mlx nor torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+BACKENDS = {"mlx": ("dsocr_mlx.backends.mlx", "mlx.core", 'pip install "dsocr-mlx"  (needs mlx, or mlx[cpu] on Linux)')}
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def get_backend(name: str) -> Any:
+    """The backend module for ``name``, with a clear error when it or its framework is missing."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}: available backends are {', '.join(BACKENDS)}")
+    module, framework, hint = BACKENDS[name]
+    try:
+        importlib.import_module(framework)
+    except ImportError as e:
+        raise ImportError(f"the {name} backend needs {framework.split('.')[0]} ({e}); install it with: {hint}") from None
+    return importlib.import_module(module)
+
+
+def check_dtype(dtype: str) -> str:
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    return dtype

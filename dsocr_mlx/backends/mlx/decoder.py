@@ -1,0 +1,109 @@
+"""DeepSeek-V2 decoder layers as DeepSeek-OCR configures them (MHA + RoPE, dense and MoE MLPs), in MLX."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.switch_layers import SwitchGLU
+
+from ...config import TextArgs
+
+
+class Attention(nn.Module):
+    """Standard multi-head attention with half-split (``rotate_half``) RoPE; no biases."""
+
+    def __init__(self, args: TextArgs):
+        super().__init__()
+        self.num_heads = args.num_attention_heads
+        self.num_kv_heads = args.num_key_value_heads
+        self.head_dim = args.head_dim
+        self.scale = self.head_dim**-0.5
+        self.rope_theta = args.rope_theta
+        bias = args.attention_bias
+        self.q_proj = nn.Linear(args.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(args.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(args.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, args.hidden_size, bias=bias)
+
+    def __call__(self, x: mx.array, mask: Any = None, cache: Any = None) -> mx.array:
+        B, L, _ = x.shape
+        q = self.q_proj(x).reshape(B, L, self.num_heads, -1).transpose(0, 2, 1, 3)
+        k = self.k_proj(x).reshape(B, L, self.num_kv_heads, -1).transpose(0, 2, 1, 3)
+        v = self.v_proj(x).reshape(B, L, self.num_kv_heads, -1).transpose(0, 2, 1, 3)
+        offset = cache.offset if cache is not None else 0
+        q = mx.fast.rope(q, self.head_dim, traditional=False, base=self.rope_theta, scale=1.0, offset=offset)
+        k = mx.fast.rope(k, self.head_dim, traditional=False, base=self.rope_theta, scale=1.0, offset=offset)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: the dense layers and the shared experts."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MoEGate(nn.Module):
+    """Softmax router with greedy top-k; weights are the raw probabilities unless ``norm_topk_prob``."""
+
+    def __init__(self, args: TextArgs):
+        super().__init__()
+        self.top_k = args.num_experts_per_tok
+        self.norm_topk_prob = args.norm_topk_prob
+        self.routed_scaling_factor = args.routed_scaling_factor
+        self.weight = mx.zeros((args.n_routed_experts, args.hidden_size))
+
+    def __call__(self, x: mx.array) -> tuple[mx.array, mx.array]:
+        logits = x.astype(mx.float32) @ self.weight.astype(mx.float32).T
+        scores = mx.softmax(logits, axis=-1, precise=True)
+        k = self.top_k
+        indices = mx.stop_gradient(mx.argpartition(-scores, kth=k - 1, axis=-1)[..., :k])
+        weights = mx.take_along_axis(scores, indices, axis=-1)
+        if self.norm_topk_prob and k > 1:
+            weights = weights / (weights.sum(axis=-1, keepdims=True) + 1e-20)
+        return indices, weights * self.routed_scaling_factor
+
+
+class MoE(nn.Module):
+    """Routed experts, stacked and dispatched with gathered matmuls, plus the always-on shared experts."""
+
+    def __init__(self, args: TextArgs):
+        super().__init__()
+        self.gate = MoEGate(args)
+        self.experts = SwitchGLU(args.hidden_size, args.moe_intermediate_size, args.n_routed_experts)
+        self.shared_experts = (
+            MLP(args.hidden_size, args.moe_intermediate_size * args.n_shared_experts) if args.n_shared_experts else None
+        )
+
+    def __call__(self, x: mx.array) -> mx.array:
+        indices, weights = self.gate(x)
+        y = self.experts(x, indices)  # (B, L, k, D)
+        # The reference weights the expert outputs in float32, then casts back.
+        y = (y * weights[..., None]).sum(axis=-2).astype(x.dtype)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        return y
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: TextArgs, index: int):
+        super().__init__()
+        self.self_attn = Attention(args)
+        self.mlp = MoE(args) if args.is_moe_layer(index) else MLP(args.hidden_size, args.intermediate_size)
+        self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+
+    def __call__(self, x: mx.array, mask: Any = None, cache: Any = None) -> mx.array:
+        h = x + self.self_attn(self.input_layernorm(x), mask, cache)
+        return h + self.mlp(self.post_attention_layernorm(h))

@@ -1,0 +1,268 @@
+"""Backend-neutral model configuration read from the Hugging Face ``config.json``.
+
+Every value the official code hardcodes (SAM ViT-B, CLIP-L, the linear projector) has the real
+number as its default, so the real config loads as is and tests can shrink any tower.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+def _from_dict(cls, params: dict[str, Any]):
+    """Build a dataclass from a dict, ignoring keys the class does not know (like mlx-lm)."""
+    names = inspect.signature(cls).parameters
+    return cls(**{k: v for k, v in params.items() if k in names})
+
+
+@dataclass
+class SamArgs:
+    """SAM ViT-B/16 image encoder (``model.sam_model``), plus the ``net_2``/``net_3`` downsampling."""
+
+    width: int = 768
+    layers: int = 12
+    heads: int = 12
+    global_attn_indexes: tuple[int, ...] = (2, 5, 8, 11)
+    window_size: int = 14
+    patch_size: int = 16
+    image_size: int = 1024  # the absolute position table covers image_size / patch_size per side
+    mlp_ratio: float = 4.0
+    out_chans: int = 256
+    downsample_channels: tuple[int, ...] = (512, 1024)
+    layer_norm_eps: float = 1e-6
+
+    def __post_init__(self):
+        self.global_attn_indexes = tuple(int(i) for i in self.global_attn_indexes)
+        self.downsample_channels = tuple(int(c) for c in self.downsample_channels)
+        if self.width % self.heads:
+            raise ValueError(f"SAM width {self.width} is not divisible by its {self.heads} heads")
+        bad = [i for i in self.global_attn_indexes if not 0 <= i < self.layers]
+        if bad:
+            raise ValueError(f"SAM global_attn_indexes {bad} are outside 0..{self.layers - 1}")
+        if len(self.downsample_channels) != 2:
+            raise ValueError(f"SAM downsample_channels must name 2 widths (net_2, net_3), got {self.downsample_channels}")
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def mlp_dim(self) -> int:
+        return int(self.width * self.mlp_ratio)
+
+    @property
+    def output_channels(self) -> int:
+        return self.downsample_channels[-1]
+
+
+@dataclass
+class ClipArgs:
+    """CLIP-L/14 tower (``model.vision_model``) fed with the SAM feature map as patch embeddings."""
+
+    width: int = 1024
+    layers: int = 24
+    heads: int = 16
+    intermediate_size: int = 4096
+    image_size: int = 224
+    patch_size: int = 14
+    layer_norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        if self.width % self.heads:
+            raise ValueError(f"CLIP width {self.width} is not divisible by its {self.heads} heads")
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_positions(self) -> int:
+        return self.grid * self.grid + 1
+
+
+@dataclass
+class ProjectorArgs:
+    """Linear projector from the concatenated CLIP+SAM features to the decoder width."""
+
+    input_dim: int = 2048
+    n_embed: int = 1280
+    projector_type: str = "linear"
+
+    def __post_init__(self):
+        if self.projector_type != "linear":
+            raise ValueError(f"projector_type {self.projector_type!r} is not supported: DeepSeek-OCR uses 'linear'")
+
+
+@dataclass
+class TextArgs:
+    """DeepSeek-V2 decoder as DeepSeek-OCR configures it (multi-head attention, no MLA)."""
+
+    vocab_size: int = 129280
+    hidden_size: int = 1280
+    intermediate_size: int = 6848
+    moe_intermediate_size: int = 896
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 10
+    num_key_value_heads: int = 10
+    n_routed_experts: int | None = 64
+    n_shared_experts: int | None = 2
+    num_experts_per_tok: int = 6
+    first_k_dense_replace: int = 1
+    moe_layer_freq: int = 1
+    norm_topk_prob: bool = False
+    routed_scaling_factor: float = 1.0
+    topk_method: str = "greedy"
+    scoring_func: str = "softmax"
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    max_position_embeddings: int = 8192
+    bos_token_id: int = 0
+    eos_token_id: int = 1
+    use_mla: bool = False
+    attention_bias: bool = False
+    hidden_act: str = "silu"
+
+    def __post_init__(self):
+        if self.use_mla:
+            raise ValueError("use_mla=true is not supported: DeepSeek-OCR's decoder uses standard multi-head attention")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}"
+            )
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads {self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads {self.num_key_value_heads}"
+            )
+        if self.topk_method != "greedy" or self.scoring_func != "softmax":
+            raise ValueError(
+                f"MoE routing {self.scoring_func}/{self.topk_method} is not supported: DeepSeek-OCR uses softmax/greedy"
+            )
+        if self.rope_scaling is not None:
+            raise ValueError(f"rope_scaling {self.rope_scaling} is not supported: DeepSeek-OCR uses plain RoPE")
+        if self.hidden_act != "silu":
+            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported: DeepSeek-OCR uses 'silu'")
+        if self.n_routed_experts and not 0 < self.num_experts_per_tok <= self.n_routed_experts:
+            raise ValueError(
+                f"num_experts_per_tok {self.num_experts_per_tok} must be in 1..n_routed_experts {self.n_routed_experts}"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def is_moe_layer(self, index: int) -> bool:
+        return (
+            bool(self.n_routed_experts)
+            and index >= self.first_k_dense_replace
+            and index % self.moe_layer_freq == 0
+        )
+
+
+@dataclass
+class ModelArgs:
+    """The whole DeepSeek-OCR model: vision towers, projector, decoder, and special-token ids."""
+
+    sam: SamArgs = field(default_factory=SamArgs)
+    clip: ClipArgs = field(default_factory=ClipArgs)
+    projector: ProjectorArgs = field(default_factory=ProjectorArgs)
+    text: TextArgs = field(default_factory=TextArgs)
+    image_token_id: int = 128815
+    # Present only in folders written by our converter (and in mlx-vlm's); None for the original layout.
+    quantization: dict | None = None
+    converted_format: str | None = None
+
+    def __post_init__(self):
+        if self.sam.output_channels != self.clip.width:
+            raise ValueError(
+                f"SAM output channels ({self.sam.output_channels}, last of downsample_channels) must equal the "
+                f"CLIP width ({self.clip.width}): the SAM map is CLIP's patch embedding"
+            )
+        if self.projector.input_dim != self.clip.width + self.sam.output_channels:
+            raise ValueError(
+                f"projector input_dim {self.projector.input_dim} must equal CLIP width {self.clip.width} + "
+                f"SAM output channels {self.sam.output_channels}"
+            )
+        if self.projector.n_embed != self.text.hidden_size:
+            raise ValueError(
+                f"projector n_embed {self.projector.n_embed} must equal the decoder hidden_size {self.text.hidden_size}"
+            )
+        if self.sam.grid // 4 != self.clip.grid:
+            raise ValueError(
+                f"the SAM map at image_size {self.sam.image_size} ({self.sam.grid // 4} per side after net_2/net_3) "
+                f"must match the CLIP position grid ({self.clip.grid} per side)"
+            )
+        if self.image_token_id >= self.text.vocab_size:
+            raise ValueError(f"image_token_id {self.image_token_id} is outside the vocabulary ({self.text.vocab_size})")
+
+    @classmethod
+    def from_dict(cls, config: dict[str, Any]) -> ModelArgs:
+        """Read the HF ``deepseek_vl_v2`` config (with ``language_config``, ``vision_config``, ``projector_config``)."""
+        text = dict(config)
+        text.update(config.get("language_config") or {})
+        vision = config.get("vision_config") or {}
+        widths = vision.get("width") or {}
+        sam = dict(widths.get("sam_vit_b") or {})
+        clip = dict(widths.get("clip-l-14-224") or {})
+        # Tiny test configs may carry the sizes the official code hardcodes.
+        sam.update(vision.get("sam_overrides") or {})
+        clip.update(vision.get("clip_overrides") or {})
+        return cls(
+            sam=_from_dict(SamArgs, sam),
+            clip=_from_dict(ClipArgs, clip),
+            projector=_from_dict(ProjectorArgs, config.get("projector_config") or {}),
+            text=_from_dict(TextArgs, text),
+            image_token_id=int(config.get("image_token_id", 128815)),
+            quantization=config.get("quantization"),
+            converted_format=config.get("dsocr_format"),
+        )
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> ModelArgs:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path} not found: a model folder needs its config.json") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON ({e}); re-download or re-convert the model") from None
+        try:
+            return cls.from_dict(data)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path}: {e}") from None
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The config in the HF layout, so a generated checkpoint reads back through ``from_dict``."""
+        text = dataclasses.asdict(self.text)
+        sam = dataclasses.asdict(self.sam)
+        clip = dataclasses.asdict(self.clip)
+        out = {
+            "model_type": "deepseek_vl_v2",
+            "architectures": ["DeepseekOCRForCausalLM"],
+            "language_config": {"model_type": "deepseek_v2", **text},
+            "projector_config": {"model_type": "mlp_projector", **dataclasses.asdict(self.projector)},
+            "vision_config": {
+                "model_type": "vision",
+                "image_size": self.sam.image_size,
+                "width": {
+                    "sam_vit_b": {k: sam[k] for k in ("width", "layers", "heads", "global_attn_indexes",
+                                                      "downsample_channels")},
+                    "clip-l-14-224": {k: clip[k] for k in ("width", "layers", "heads", "image_size", "patch_size")},
+                },
+                "sam_overrides": {k: sam[k] for k in ("window_size", "patch_size", "image_size", "mlp_ratio",
+                                                      "out_chans", "layer_norm_eps")},
+                "clip_overrides": {k: clip[k] for k in ("intermediate_size", "layer_norm_eps")},
+            },
+            **text,
+        }
+        for key in ("global_attn_indexes", "downsample_channels"):
+            out["vision_config"]["width"]["sam_vit_b"][key] = list(sam[key])
+        if self.image_token_id != 128815:
+            out["image_token_id"] = self.image_token_id
+        return out

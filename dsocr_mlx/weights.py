@@ -1,0 +1,197 @@
+"""The DeepSeek-OCR checkpoint layout: every tensor name and shape, and where the files are.
+
+``checkpoint_shapes(args)`` is the single source of truth for the original Hugging Face layout
+(checked against the real checkpoint's 2,710 tensors in the tests). Loaders validate a checkpoint
+against it before anything is built, so a bad file fails with the name of the offending tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from .config import ModelArgs
+
+# fmt: off
+# The original checkpoint, documented as patterns (N: layer or block index, E: expert index).
+CHECKPOINT_KEYS = [
+    (r"model\.sam_model\.patch_embed\.proj\.(weight|bias)",               "SAM patch embedding conv (OIHW), 16x16 stride 16"),
+    (r"model\.sam_model\.pos_embed",                                      "SAM absolute positions (1, 64, 64, 768)"),
+    (r"model\.sam_model\.blocks\.N\.norm[12]\.(weight|bias)",             "SAM block LayerNorms (eps 1e-6)"),
+    (r"model\.sam_model\.blocks\.N\.attn\.qkv\.(weight|bias)",            "SAM fused qkv"),
+    (r"model\.sam_model\.blocks\.N\.attn\.proj\.(weight|bias)",           "SAM attention output"),
+    (r"model\.sam_model\.blocks\.N\.attn\.rel_pos_[hw]",                  "SAM relative positions: 27 rows windowed, 127 global"),
+    (r"model\.sam_model\.blocks\.N\.mlp\.lin[12]\.(weight|bias)",         "SAM MLP (exact GELU)"),
+    (r"model\.sam_model\.neck\.[02]\.weight",                             "SAM neck convs 1x1 and 3x3, no bias"),
+    (r"model\.sam_model\.neck\.[13]\.(weight|bias)",                      "SAM neck LayerNorm2d (eps 1e-6)"),
+    (r"model\.sam_model\.net_[23]\.weight",                               "stride-2 convs 256->512->1024, no bias"),
+    (r"model\.vision_model\.embeddings\.class_embedding",                 "CLIP class token"),
+    (r"model\.vision_model\.embeddings\.patch_embedding\.weight",         "CLIP patch conv: in the checkpoint, unused"),
+    (r"model\.vision_model\.embeddings\.position_embedding\.weight",      "CLIP positions (257, 1024)"),
+    (r"model\.vision_model\.pre_layrnorm\.(weight|bias)",                 "(sic) CLIP pre-LayerNorm (eps 1e-5)"),
+    (r"model\.vision_model\.transformer\.layers\.N\.layer_norm[12]\.(weight|bias)", "CLIP LayerNorms"),
+    (r"model\.vision_model\.transformer\.layers\.N\.self_attn\.qkv_proj\.(weight|bias)", "CLIP fused qkv"),
+    (r"model\.vision_model\.transformer\.layers\.N\.self_attn\.out_proj\.(weight|bias)", "CLIP attention output"),
+    (r"model\.vision_model\.transformer\.layers\.N\.mlp\.fc[12]\.(weight|bias)", "CLIP MLP (quick GELU)"),
+    (r"model\.projector\.layers\.(weight|bias)",                          "linear projector 2048 -> 1280"),
+    (r"model\.image_newline",                                             "row separator of the image grids"),
+    (r"model\.view_seperator",                                            "(sic) separator after the global view"),
+    (r"model\.embed_tokens\.weight",                                      "token embeddings"),
+    (r"model\.layers\.N\.(input|post_attention)_layernorm\.weight",       "decoder RMSNorms (eps 1e-6)"),
+    (r"model\.layers\.N\.self_attn\.[qkvo]_proj\.weight",                 "decoder attention, no bias"),
+    (r"model\.layers\.N\.mlp\.(gate|up|down)_proj\.weight",               "dense SwiGLU (layers < first_k_dense_replace)"),
+    (r"model\.layers\.N\.mlp\.gate\.weight",                              "MoE router (64, 1280)"),
+    (r"model\.layers\.N\.mlp\.experts\.E\.(gate|up|down)_proj\.weight",   "routed experts (stacked at load)"),
+    (r"model\.layers\.N\.mlp\.shared_experts\.(gate|up|down)_proj\.weight", "shared experts, one SwiGLU of 2 x 896"),
+    (r"model\.norm\.weight",                                              "final RMSNorm"),
+    (r"lm_head\.weight",                                                  "untied output projection"),
+]
+# fmt: on
+
+# Conv weights, stored OIHW by PyTorch; each backend converts them to its own layout in one place.
+CONV_WEIGHTS = (
+    "model.sam_model.patch_embed.proj.weight",
+    "model.sam_model.neck.0.weight",
+    "model.sam_model.neck.2.weight",
+    "model.sam_model.net_2.weight",
+    "model.sam_model.net_3.weight",
+    "model.vision_model.embeddings.patch_embedding.weight",
+)
+
+EXPERT_KEY = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+
+
+def checkpoint_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """Every tensor of the original checkpoint for ``args``: name -> shape."""
+    s, c, p, t = args.sam, args.clip, args.projector, args.text
+    out: dict[str, tuple[int, ...]] = {}
+    sam = "model.sam_model."
+    out[sam + "patch_embed.proj.weight"] = (s.width, 3, s.patch_size, s.patch_size)
+    out[sam + "patch_embed.proj.bias"] = (s.width,)
+    out[sam + "pos_embed"] = (1, s.grid, s.grid, s.width)
+    hd = s.width // s.heads
+    for i in range(s.layers):
+        b = f"{sam}blocks.{i}."
+        rel = 2 * (s.grid if i in s.global_attn_indexes else s.window_size) - 1
+        for n in ("norm1", "norm2"):
+            out[b + n + ".weight"] = out[b + n + ".bias"] = (s.width,)
+        out[b + "attn.qkv.weight"], out[b + "attn.qkv.bias"] = (3 * s.width, s.width), (3 * s.width,)
+        out[b + "attn.proj.weight"], out[b + "attn.proj.bias"] = (s.width, s.width), (s.width,)
+        out[b + "attn.rel_pos_h"] = out[b + "attn.rel_pos_w"] = (rel, hd)
+        out[b + "mlp.lin1.weight"], out[b + "mlp.lin1.bias"] = (s.mlp_dim, s.width), (s.mlp_dim,)
+        out[b + "mlp.lin2.weight"], out[b + "mlp.lin2.bias"] = (s.width, s.mlp_dim), (s.width,)
+    out[sam + "neck.0.weight"] = (s.out_chans, s.width, 1, 1)
+    out[sam + "neck.1.weight"] = out[sam + "neck.1.bias"] = (s.out_chans,)
+    out[sam + "neck.2.weight"] = (s.out_chans, s.out_chans, 3, 3)
+    out[sam + "neck.3.weight"] = out[sam + "neck.3.bias"] = (s.out_chans,)
+    c2, c3 = s.downsample_channels
+    out[sam + "net_2.weight"] = (c2, s.out_chans, 3, 3)
+    out[sam + "net_3.weight"] = (c3, c2, 3, 3)
+
+    vm = "model.vision_model."
+    out[vm + "embeddings.class_embedding"] = (c.width,)
+    out[vm + "embeddings.patch_embedding.weight"] = (c.width, 3, c.patch_size, c.patch_size)
+    out[vm + "embeddings.position_embedding.weight"] = (c.num_positions, c.width)
+    out[vm + "pre_layrnorm.weight"] = out[vm + "pre_layrnorm.bias"] = (c.width,)
+    for i in range(c.layers):
+        b = f"{vm}transformer.layers.{i}."
+        for n in ("layer_norm1", "layer_norm2"):
+            out[b + n + ".weight"] = out[b + n + ".bias"] = (c.width,)
+        out[b + "self_attn.qkv_proj.weight"], out[b + "self_attn.qkv_proj.bias"] = (3 * c.width, c.width), (3 * c.width,)
+        out[b + "self_attn.out_proj.weight"], out[b + "self_attn.out_proj.bias"] = (c.width, c.width), (c.width,)
+        out[b + "mlp.fc1.weight"], out[b + "mlp.fc1.bias"] = (c.intermediate_size, c.width), (c.intermediate_size,)
+        out[b + "mlp.fc2.weight"], out[b + "mlp.fc2.bias"] = (c.width, c.intermediate_size), (c.width,)
+
+    out["model.projector.layers.weight"] = (p.n_embed, p.input_dim)
+    out["model.projector.layers.bias"] = (p.n_embed,)
+    out["model.image_newline"] = out["model.view_seperator"] = (p.n_embed,)
+
+    d = t.hidden_size
+    out["model.embed_tokens.weight"] = (t.vocab_size, d)
+    for i in range(t.num_hidden_layers):
+        b = f"model.layers.{i}."
+        out[b + "input_layernorm.weight"] = out[b + "post_attention_layernorm.weight"] = (d,)
+        out[b + "self_attn.q_proj.weight"] = (t.num_attention_heads * t.head_dim, d)
+        out[b + "self_attn.k_proj.weight"] = (t.num_key_value_heads * t.head_dim, d)
+        out[b + "self_attn.v_proj.weight"] = (t.num_key_value_heads * t.head_dim, d)
+        out[b + "self_attn.o_proj.weight"] = (d, t.num_attention_heads * t.head_dim)
+        if t.attention_bias:
+            for n in "qkv":
+                out[b + f"self_attn.{n}_proj.bias"] = (out[b + f"self_attn.{n}_proj.weight"][0],)
+            out[b + "self_attn.o_proj.bias"] = (d,)
+        mlps = []
+        if t.is_moe_layer(i):
+            out[b + "mlp.gate.weight"] = (t.n_routed_experts, d)
+            mlps = [(f"mlp.experts.{e}.", t.moe_intermediate_size) for e in range(t.n_routed_experts)]
+            if t.n_shared_experts:
+                mlps.append(("mlp.shared_experts.", t.moe_intermediate_size * t.n_shared_experts))
+        else:
+            mlps = [("mlp.", t.intermediate_size)]
+        for prefix, width in mlps:
+            out[b + prefix + "gate_proj.weight"] = out[b + prefix + "up_proj.weight"] = (width, d)
+            out[b + prefix + "down_proj.weight"] = (d, width)
+    out["model.norm.weight"] = (d,)
+    out["lm_head.weight"] = (t.vocab_size, d)
+    return out
+
+
+def check_checkpoint(found: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]], source: str) -> None:
+    """Raise ``ValueError`` naming the first missing, unexpected or misshaped tensor(s)."""
+    missing = sorted(set(expected) - set(found))
+    extra = sorted(set(found) - set(expected))
+    wrong = sorted(k for k in set(found) & set(expected) if tuple(found[k]) != tuple(expected[k]))
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing tensor(s), e.g. {', '.join(missing[:3])}")
+    if extra:
+        problems.append(f"{len(extra)} unexpected tensor(s), e.g. {', '.join(extra[:3])}")
+    for k in wrong[:3]:
+        problems.append(f"tensor {k} has shape {tuple(found[k])} but the config expects {tuple(expected[k])}")
+    if len(wrong) > 3:
+        problems.append(f"and {len(wrong) - 3} more misshaped tensor(s)")
+    if problems:
+        raise ValueError(
+            f"{source} does not match its config.json: " + "; ".join(problems)
+            + ". Check that config.json belongs to these weights (re-download or re-convert the model)."
+        )
+
+
+def weight_files(folder: str | Path) -> list[Path]:
+    """The safetensors files of a model folder, through ``model.safetensors.index.json`` when present."""
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ValueError(f"{index} is not a valid safetensors index ({e})") from None
+        files = [folder / n for n in names]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"{index} lists {', '.join(missing[:3])}, which is missing: the download is incomplete"
+            )
+        return files
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors weights found in {folder}")
+    return files
+
+
+def safetensors_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape from the headers alone (no data is read)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for f in files:
+        try:
+            with open(f, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                if not 0 < n < 1 << 28:
+                    raise ValueError("bad header length")
+                header = json.loads(fh.read(n))
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{f} is not a readable safetensors file ({e}); re-download it") from None
+        for name, info in header.items():
+            if name != "__metadata__":
+                shapes[name] = tuple(info["shape"])
+    return shapes
