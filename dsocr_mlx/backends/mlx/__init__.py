@@ -7,6 +7,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
+from mlx.utils import tree_flatten
 
 from ...config import ModelArgs
 from ...processing import ProcessedInputs
@@ -39,9 +40,9 @@ def load_model(folder: str | Path, args: ModelArgs, dtype: str = "float16") -> M
     model = Model(args)
     model.load_weights([(k, v.astype(expert_dtype(k, target))) for k, v in weights.items()], strict=True)
     del weights
-    # Materialise layer by layer so the bf16 sources are released as we go.
-    for _, module in model.children().items():
-        mx.eval(module.parameters())
+    # Materialise tensor by tensor so each source is read, cast and released before the next.
+    for _, value in tree_flatten(model.parameters()):
+        mx.eval(value)
     model.eval()
     return model
 

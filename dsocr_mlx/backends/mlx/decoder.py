@@ -6,7 +6,6 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.switch_layers import SwitchGLU
 
 from ...config import TextArgs
 
@@ -52,6 +51,47 @@ class MLP(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class SwitchLinear(nn.Module):
+    """One linear layer per expert, stacked as ``(experts, out, in)`` and applied with a gathered matmul."""
+
+    def __init__(self, input_dims: int, output_dims: int, num_experts: int):
+        super().__init__()
+        self.weight = mx.zeros((num_experts, output_dims, input_dims))
+
+    def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
+        return mx.gather_mm(x, self.weight.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices)
+
+
+class SwitchGLU(nn.Module):
+    """The routed experts: SwiGLU per expert, each token through its top-k experts, no Python loop."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int):
+        super().__init__()
+        self.gate_proj = SwitchLinear(hidden_size, intermediate_size, num_experts)
+        self.up_proj = SwitchLinear(hidden_size, intermediate_size, num_experts)
+        self.down_proj = SwitchLinear(intermediate_size, hidden_size, num_experts)
+
+    def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
+        """``x (..., D)``, ``indices (..., k)`` -> ``(..., k, D)``."""
+        k = indices.shape[-1]
+        lead = indices.shape[:-1]
+        x = mx.expand_dims(x, (-2, -3))  # (..., 1, 1, D): one row per (token, expert) pair after gathering
+        flat = indices.flatten()
+        # Many tokens: sort the (token, expert) pairs by expert so each expert's weights are read once.
+        do_sort = flat.size >= 64
+        if do_sort:
+            order = mx.argsort(flat)
+            x = x.reshape(-1, 1, x.shape[-1])[order // k]
+            idx = flat[order]
+        else:
+            idx = indices
+        h = nn.silu(self.gate_proj(x, idx, do_sort)) * self.up_proj(x, idx, do_sort)
+        y = self.down_proj(h, idx, do_sort)
+        if do_sort:
+            y = y[mx.argsort(order)]
+        return y.reshape(*lead, k, -1)
 
 
 class MoEGate(nn.Module):
