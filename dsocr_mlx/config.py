@@ -267,4 +267,8 @@ class ModelArgs:
             out["vision_config"]["width"]["sam_vit_b"][key] = list(sam[key])
         if self.image_token_id != 128815:
             out["image_token_id"] = self.image_token_id
+        if self.quantization is not None:
+            out["quantization"] = self.quantization
+        if self.converted_format:
+            out["dsocr_format"] = self.converted_format
         return out

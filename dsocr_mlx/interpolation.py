@@ -14,6 +14,10 @@ from functools import lru_cache
 import numpy as np
 
 
+def _f32(x: float) -> float:
+    return float(np.float32(x))
+
+
 def _bicubic_aa_filter(x: float) -> float:
     a = -0.5
     x = abs(x)
@@ -27,12 +31,13 @@ def _bicubic_aa_filter(x: float) -> float:
 @lru_cache(maxsize=64)
 def bicubic_antialias_matrix(in_size: int, out_size: int) -> np.ndarray:
     """``(out_size, in_size)`` float32 weights of PyTorch's antialiased bicubic resize along one axis."""
-    scale = in_size / out_size
+    # PyTorch computes the scale and window centres in the input's precision (float32): round like it.
+    scale = _f32(in_size / out_size)
     support = 2.0 * scale if scale >= 1.0 else 2.0
     inv_scale = 1.0 / scale if scale >= 1.0 else 1.0
     m = np.zeros((out_size, in_size), dtype=np.float64)
     for i in range(out_size):
-        center = scale * (i + 0.5)
+        center = _f32(scale * (i + 0.5))
         lo = max(int(center - support + 0.5), 0)
         hi = min(int(center + support + 0.5), in_size)
         w = np.array([_bicubic_aa_filter((j - center + 0.5) * inv_scale) for j in range(lo, hi)])
@@ -46,10 +51,10 @@ def bicubic_antialias_matrix(in_size: int, out_size: int) -> np.ndarray:
 @lru_cache(maxsize=64)
 def linear_matrix(in_size: int, out_size: int) -> np.ndarray:
     """``(out_size, in_size)`` float32 weights of ``F.interpolate(mode="linear", align_corners=False)``."""
-    scale = in_size / out_size
+    scale = _f32(in_size / out_size)
     m = np.zeros((out_size, in_size), dtype=np.float64)
     for i in range(out_size):
-        src = max(scale * (i + 0.5) - 0.5, 0.0)
+        src = max(_f32(scale * (i + 0.5) - 0.5), 0.0)
         i0 = min(int(math.floor(src)), in_size - 1)
         i1 = min(i0 + 1, in_size - 1)
         frac = src - i0

@@ -164,7 +164,7 @@ def weight_files(folder: str | Path) -> list[Path]:
     if index.is_file():
         try:
             names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError) as e:
+        except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as e:
             raise ValueError(f"{index} is not a valid safetensors index ({e})") from None
         files = [folder / n for n in names]
         missing = [str(f) for f in files if not f.is_file()]
