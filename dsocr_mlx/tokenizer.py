@@ -44,3 +44,37 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
+
+
+class StreamingDetokenizer:
+    """Turns tokens into text deltas as they come, never emitting half of a UTF-8 character.
+
+    Decodes only a short window (the last emitted token onwards), so a long output costs linear time.
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.tokens: list[int] = []
+        self.text = ""
+        self._prefix = 0  # window start
+        self._read = 0  # tokens already turned into text
+
+    def add(self, token: int) -> str:
+        """Append a token; returns the newly complete text (possibly empty)."""
+        self.tokens.append(int(token))
+        before = self.tokenizer.decode(self.tokens[self._prefix : self._read])
+        after = self.tokenizer.decode(self.tokens[self._prefix :])
+        if after.endswith("\ufffd"):
+            return ""  # an incomplete multi-byte character: wait for its remaining bytes
+        delta = after[len(before) :]
+        self._prefix, self._read = self._read, len(self.tokens)
+        self.text += delta
+        return delta
+
+    def flush(self) -> str:
+        """Whatever is still held back (an incomplete character at the very end)."""
+        rest = self.tokenizer.decode(self.tokens[self._prefix :])[len(self.tokenizer.decode(
+            self.tokens[self._prefix : self._read])):]
+        self._prefix = self._read = len(self.tokens)
+        self.text += rest
+        return rest

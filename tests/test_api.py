@@ -71,8 +71,9 @@ def test_ocr_is_deterministic_and_reports_usage(tiny_model, sample_image):
     assert a.token_ids == b.token_ids and len(a.token_ids) == 6
     assert a.image_tokens == 111 and a.prompt_tokens == 111 + 1 + 4
     assert a.raw_text == tiny_model.tokenizer.decode(a.token_ids).strip()
-    with pytest.raises(ValueError, match="temperature"):
-        tiny_model.ocr(sample_image, temperature=0.7)
+    hot = [tiny_model.ocr(sample_image, "<image>\nFree OCR.", mode="small", max_new_tokens=6, temperature=5.0,
+                          seed=s).token_ids for s in (1, 1, 2)]
+    assert hot[0] == hot[1] and hot[0] != hot[2] and hot[0] != a.token_ids
 
 
 def test_image_input_types_agree(tiny_model, sample_image, tmp_path):

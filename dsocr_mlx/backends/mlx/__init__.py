@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 
 import mlx.core as mx
@@ -11,8 +11,9 @@ from mlx.utils import tree_flatten
 
 from ...config import ModelArgs
 from ...processing import ProcessedInputs
+from ...sampling import SamplingParams
 from ...weights import check_checkpoint, checkpoint_shapes, safetensors_shapes, weight_files
-from .generate import LogitsProcessor, Sampler, generate_step, prefill
+from .generate import generate_step, make_logits_processors, make_sampler, prefill
 from .model import Model
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -83,12 +84,14 @@ class Runtime:
         return np.array(logits[0], dtype=np.float32)
 
     def generate(self, inputs: ProcessedInputs, image_embeddings: mx.array | None, max_tokens: int,
-                 sampler: Sampler | None = None,
-                 logits_processors: Sequence[LogitsProcessor] = ()) -> Iterator[int]:
+                 params: SamplingParams | None = None) -> Iterator[int]:
+        """Token ids one by one (the caller stops on EOS); greedy with no processors by default."""
+        params = params or SamplingParams(no_repeat_ngram_size=0)
         embeds = self.input_embeddings(inputs, image_embeddings)
-        for token, _ in generate_step(inputs.input_ids.tolist(), self.model, input_embeddings=embeds,
-                                      max_tokens=max_tokens, sampler=sampler,
-                                      logits_processors=logits_processors):
+        prompt = inputs.input_ids.tolist()
+        sampler = make_sampler(params.temperature, params.top_p, params.top_k, params.seed)
+        for token, _ in generate_step(prompt, self.model, input_embeddings=embeds, max_tokens=max_tokens,
+                                      sampler=sampler, logits_processors=make_logits_processors(params, len(prompt))):
             yield token
 
     @staticmethod

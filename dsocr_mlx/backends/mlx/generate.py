@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator, Sequence
 
 import mlx.core as mx
 
+from ...sampling import SamplingParams, banned_ngram_tokens
 from .model import Model
 
 Sampler = Callable[[mx.array], mx.array]
@@ -14,6 +16,63 @@ LogitsProcessor = Callable[[list[int], mx.array], mx.array]
 
 def greedy(logits: mx.array) -> mx.array:
     return mx.argmax(logits, axis=-1)
+
+
+def make_sampler(temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None) -> Sampler:
+    """Greedy at temperature 0; otherwise temperature sampling after optional top-k and top-p filtering."""
+    if temperature == 0:
+        return greedy
+    key = [mx.random.key(seed if seed is not None else int.from_bytes(os.urandom(4), "little"))]
+
+    def sample(logits: mx.array) -> mx.array:
+        logits = logits / temperature
+        if top_k and top_k < logits.shape[-1]:
+            kth = mx.sort(logits, axis=-1)[..., -top_k][..., None]
+            logits = mx.where(logits < kth, -mx.inf, logits)
+        if top_p < 1.0:
+            order = mx.argsort(-logits, axis=-1)
+            sorted_logits = mx.take_along_axis(logits, order, axis=-1)
+            probs = mx.softmax(sorted_logits, axis=-1)
+            # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+            drop = (mx.cumsum(probs, axis=-1) - probs) >= top_p
+            sorted_logits = mx.where(drop, -mx.inf, sorted_logits)
+            logits = mx.put_along_axis(logits, order, sorted_logits, axis=-1)
+        key[0], step = mx.random.split(key[0])
+        return mx.random.categorical(logits, key=step)
+
+    return sample
+
+
+def make_logits_processors(params: SamplingParams, prompt_length: int) -> list[LogitsProcessor]:
+    """The repetition penalty and the no-repeat n-gram ban, over the generated tokens only.
+
+    The official scripts run the ban as a vLLM logits processor, which sees the generated ids only.
+    """
+    processors: list[LogitsProcessor] = []
+    if params.repetition_penalty != 1.0:
+        penalty = params.repetition_penalty
+
+        def repetition(tokens: list[int], logits: mx.array) -> mx.array:
+            seen = sorted(set(tokens[prompt_length:]))
+            if not seen:
+                return logits
+            idx = mx.array(seen)
+            picked = logits[..., idx]
+            logits[..., idx] = mx.where(picked > 0, picked / penalty, picked * penalty)
+            return logits
+
+        processors.append(repetition)
+    if params.no_repeat_ngram_size > 0:
+
+        def no_repeat_ngram(tokens: list[int], logits: mx.array) -> mx.array:
+            banned = banned_ngram_tokens(tokens[prompt_length:], params.no_repeat_ngram_size, params.ngram_window,
+                                         params.ngram_whitelist)
+            if banned:
+                logits[..., mx.array(sorted(banned))] = -mx.inf
+            return logits
+
+        processors.append(no_repeat_ngram)
+    return processors
 
 
 def prefill(model: Model, input_embeddings: mx.array, cache: list, step_size: int = 512) -> mx.array:
