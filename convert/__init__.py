@@ -1,1 +1,2 @@
-"""Weight converter shell, installed as ``dsocr_convert`` (not yet written: see the converter issue)."""
+"""The weight converter's command-line shell, installed as ``dsocr_convert``; the work is
+:func:`dsocr_mlx.convert.convert`."""

@@ -19,14 +19,15 @@ if TYPE_CHECKING:
     from .processing import ProcessedInputs
 
 
-def load(path_or_repo_id: str = "deepseek-ai/DeepSeek-OCR", backend: str = "mlx", dtype: str = "float16") -> OCRModel:
+def load(path_or_repo_id: str = "deepseek-ai/DeepSeek-OCR", backend: str = "mlx", dtype: str | None = None) -> OCRModel:
     """Load DeepSeek-OCR from a local folder or a Hugging Face repo id.
 
     Args:
         path_or_repo_id: a model folder (original Hugging Face layout) or a repo id such as
             ``deepseek-ai/DeepSeek-OCR`` (downloaded once into the huggingface_hub cache).
         backend: ``"mlx"``.
-        dtype: ``"float16"`` (default), ``"bfloat16"`` or ``"float32"``.
+        dtype: ``"float16"``, ``"bfloat16"`` or ``"float32"``; by default the dtype a converted folder was
+            written in, else ``"float16"``. Quantized folders load with no flags.
 
     Returns:
         An :class:`OCRModel` ready for ``prepare``, ``ocr`` and friends.

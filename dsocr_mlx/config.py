@@ -179,6 +179,7 @@ class ModelArgs:
     # Present only in folders written by our converter (and in mlx-vlm's); None for the original layout.
     quantization: dict | None = None
     converted_format: str | None = None
+    converted_dtype: str | None = None
 
     def __post_init__(self):
         if self.sam.output_channels != self.clip.width:
@@ -207,7 +208,8 @@ class ModelArgs:
     def from_dict(cls, config: dict[str, Any]) -> ModelArgs:
         """Read the HF ``deepseek_vl_v2`` config (with ``language_config``, ``vision_config``, ``projector_config``)."""
         text = dict(config)
-        text.update(config.get("language_config") or {})
+        # mlx-vlm renames language_config to text_config in the folders it writes.
+        text.update(config.get("language_config") or config.get("text_config") or {})
         vision = config.get("vision_config") or {}
         widths = vision.get("width") or {}
         sam = dict(widths.get("sam_vit_b") or {})
@@ -223,6 +225,7 @@ class ModelArgs:
             image_token_id=int(config.get("image_token_id", 128815)),
             quantization=config.get("quantization"),
             converted_format=config.get("dsocr_format"),
+            converted_dtype=config.get("dsocr_dtype"),
         )
 
     @classmethod
@@ -271,4 +274,6 @@ class ModelArgs:
             out["quantization"] = self.quantization
         if self.converted_format:
             out["dsocr_format"] = self.converted_format
+        if self.converted_dtype:
+            out["dsocr_dtype"] = self.converted_dtype
         return out

@@ -162,11 +162,13 @@ class OCRModel:
         self._vision_cache: tuple[str, Any] | None = None
 
     @classmethod
-    def load(cls, path_or_repo_id: str | Path, backend: str = "mlx", dtype: str = "float16") -> OCRModel:
-        check_dtype(dtype)
+    def load(cls, path_or_repo_id: str | Path, backend: str = "mlx", dtype: str | None = None) -> OCRModel:
+        if dtype is not None:
+            check_dtype(dtype)
         module = get_backend(backend)
         folder = resolve_model_path(path_or_repo_id)
         args = ModelArgs.from_file(folder / "config.json")
+        dtype = dtype or args.converted_dtype or "float16"
         tokenizer = Tokenizer.from_folder(folder, args.text.bos_token_id, args.text.eos_token_id)
         start = time.perf_counter()
         runtime = module.Runtime.load(folder, args, dtype)

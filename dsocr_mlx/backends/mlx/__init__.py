@@ -15,31 +15,92 @@ from ...sampling import SamplingParams
 from ...weights import check_checkpoint, checkpoint_shapes, safetensors_shapes, weight_files
 from .generate import generate_step, make_logits_processors, make_sampler, prefill
 from .model import Model
+from .quantize import quantize_like
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
 
-def expert_dtype(key: str, dtype: mx.Dtype) -> mx.Dtype:
-    """MLX's CPU backend runs gathered expert matmuls in float32 only, so experts stay float32 there."""
-    if ".mlp.experts." in key and mx.default_device() == mx.cpu:
-        return mx.float32
-    return dtype
+# Written into config.json by our converter: the weights are already in this backend's layout.
+CONVERTED_FORMAT = "dsocr-mlx/1"
 
 
-def load_model(folder: str | Path, args: ModelArgs, dtype: str = "float16") -> Model:
-    """Build the model from ``args`` and fill it from the original checkpoint in ``folder``.
+def detect_layout(args: ModelArgs, names: set[str]) -> str:
+    """``"hf"`` (original checkpoint), ``"converted"`` (ours) or ``"mlx-vlm"`` (mlx-community conversions)."""
+    if args.converted_format == CONVERTED_FORMAT:
+        return "converted"
+    if args.converted_format:
+        raise ValueError(f"config.json names the format {args.converted_format!r}, which this version cannot read "
+                         f"(it reads {CONVERTED_FORMAT}); upgrade dsocr-mlx or re-convert the model")
+    if any(n.startswith("language_model.") for n in names):
+        return "mlx-vlm"
+    if "lm_head.weight" in names or any(n.startswith("model.") for n in names):
+        return "hf"
+    sample = ", ".join(sorted(names)[:3]) or "no tensors"
+    raise ValueError(f"unknown checkpoint layout (found {sample}): expected the original deepseek-ai/DeepSeek-OCR "
+                     "layout, a folder written by `dsocr convert`, or an mlx-vlm conversion")
 
-    Tensors are read lazily and cast one by one, so peak memory stays close to the weights in ``dtype``.
+
+def from_mlx_vlm(weights: dict[str, mx.array]) -> dict[str, mx.array]:
+    """Rename an mlx-vlm DeepSeek-OCR checkpoint to our keys; its convs are already channels-last."""
+    out = {}
+    for key, value in weights.items():
+        if key.startswith("language_model.lm_head."):
+            key = key[len("language_model."):]
+        elif key.startswith("language_model.model."):
+            key = "model." + key[len("language_model.model."):].replace(".mlp.switch_mlp.", ".mlp.experts.")
+        elif key.startswith(("vision_model.", "sam_model.", "projector.", "image_newline")):
+            key = "model." + key
+        elif key == "view_separator":
+            key = "model.view_seperator"
+        elif key.endswith("position_ids"):
+            continue
+        out[key] = value
+    return out
+
+
+def check_parameters(model: Model, weights: dict[str, mx.array], source: str) -> None:
+    """Every parameter filled with the right shape, no tensor left over: else name the offenders."""
+    expected = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
+    found = {k: tuple(v.shape) for k, v in weights.items()}
+    check_checkpoint(found, expected, source)
+
+
+def float_dtype(key: str, value: mx.array, dtype: mx.Dtype, cpu_float32_experts: bool) -> mx.array:
+    """Cast float tensors to ``dtype``; packed quantized weights keep their integer type."""
+    if not mx.issubdtype(value.dtype, mx.floating):
+        return value
+    if cpu_float32_experts and ".mlp.experts." in key and key.endswith(".weight"):
+        # MLX's CPU backend runs gathered float matmuls in float32 only.
+        return value.astype(mx.float32)
+    return value.astype(dtype)
+
+
+def load_model(folder: str | Path, args: ModelArgs, dtype: str = "float16", for_runtime: bool = True) -> Model:
+    """Build the model from ``args`` and fill it strictly from the weights in ``folder`` (any known layout).
+
+    Tensors are read lazily and materialised one by one, so peak memory stays close to the weights in
+    ``dtype``. Quantized folders are quantized exactly where their checkpoint has scales.
     """
     files = weight_files(folder)
-    check_checkpoint(safetensors_shapes(files), checkpoint_shapes(args), f"the checkpoint in {folder}")
+    names = safetensors_shapes(files)
+    layout = detect_layout(args, set(names))
+    source = f"the checkpoint in {folder}"
+    if layout == "hf":
+        check_checkpoint(names, checkpoint_shapes(args), source)
     weights = {}
     for f in files:
         weights.update(mx.load(str(f)))
-    weights = Model.sanitize(weights)
-    target = DTYPES[dtype]
+    if layout == "hf":
+        weights = Model.sanitize(weights)
+    elif layout == "mlx-vlm":
+        weights = from_mlx_vlm(weights)
     model = Model(args)
-    model.load_weights([(k, v.astype(expert_dtype(k, target))) for k, v in weights.items()], strict=True)
+    if args.quantization:
+        quantize_like(model, args.quantization, weights)
+    check_parameters(model, weights, source)
+    cpu_experts = for_runtime and mx.default_device() == mx.cpu
+    target = DTYPES[dtype]
+    model.load_weights([(k, float_dtype(k, v, target, cpu_experts)) for k, v in weights.items()], strict=True)
     del weights
     # Materialise tensor by tensor so each source is read, cast and released before the next.
     for _, value in tree_flatten(model.parameters()):

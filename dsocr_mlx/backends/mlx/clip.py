@@ -13,6 +13,14 @@ def quick_gelu(x: mx.array) -> mx.array:
     return x * mx.sigmoid(1.702 * x)
 
 
+def embedding_table(embedding: nn.Module) -> mx.array:
+    """The full table of an embedding, dequantized if a conversion quantized it."""
+    if isinstance(embedding, nn.QuantizedEmbedding):
+        return mx.dequantize(embedding.weight, embedding.scales, embedding.get("biases"), embedding.group_size,
+                             embedding.bits, mode=embedding.mode)
+    return embedding.weight
+
+
 class Embeddings(nn.Module):
     def __init__(self, args: ClipArgs):
         super().__init__()
@@ -23,7 +31,7 @@ class Embeddings(nn.Module):
 
     def __call__(self, patch_embeds: mx.array) -> mx.array:
         B, H, W, C = patch_embeds.shape
-        table = self.position_embedding.weight
+        table = embedding_table(self.position_embedding)
         grid = int(round((table.shape[0] - 1) ** 0.5))
         positions = resize_grid_table(table[1:].reshape(grid, grid, C), H).reshape(H * W, C)
         positions = mx.concatenate([table[:1], positions], axis=0)

@@ -60,8 +60,18 @@ class SwitchLinear(nn.Module):
         super().__init__()
         self.weight = mx.zeros((num_experts, output_dims, input_dims))
 
+    @property
+    def compute_dtype(self) -> mx.Dtype:
+        return self.weight.dtype
+
     def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
         return mx.gather_mm(x, self.weight.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices)
+
+    def to_quantized(self, group_size: int | None = None, bits: int | None = None, mode: str = "affine",
+                     **_) -> nn.Module:
+        from .quantize import QuantizedSwitchLinear
+
+        return QuantizedSwitchLinear(self.weight, group_size or 64, bits or 4, mode)
 
 
 class SwitchGLU(nn.Module):
@@ -129,7 +139,8 @@ class MoE(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         indices, weights = self.gate(x)
         # Experts may be held in float32 where gathered half-precision matmuls are unsupported (MLX CPU).
-        y = self.experts(x.astype(self.experts.gate_proj.weight.dtype), indices)  # (B, L, k, D)
+        dtype = self.experts.gate_proj.compute_dtype
+        y = self.experts(x if dtype is None else x.astype(dtype), indices)  # (B, L, k, D)
         # The reference weights the expert outputs in float32, then casts back.
         y = (y * weights[..., None]).sum(axis=-2).astype(x.dtype)
         if self.shared_experts is not None:

@@ -1,0 +1,181 @@
+"""The weight converter: round trips per dtype, quantized folders, mlx-vlm folders, errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import dsocr_mlx
+from dsocr_mlx.convert import convert
+
+mx = pytest.importorskip("mlx.core")
+nn = pytest.importorskip("mlx.nn")
+
+from dsocr_mlx.backends.mlx.model import Model  # noqa: E402
+from dsocr_mlx.backends.mlx.quantize import QuantizedSwitchLinear  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def inputs(tiny_model, sample_image):
+    return tiny_model.prepare(sample_image, "<image>\nFree OCR.", mode="small")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_round_trip_gives_the_same_logits(tiny_ckpt, tmp_path, inputs, dtype):
+    out = convert(tiny_ckpt, tmp_path / dtype, dtype=dtype, show_progress=False)
+    config = json.loads((out.path / "config.json").read_text())
+    assert config["dsocr_format"] == "dsocr-mlx/1" and config["dsocr_dtype"] == dtype and "quantization" not in config
+    assert (out.path / "README.md").is_file() and (out.path / "tokenizer.json").is_file()
+    converted = dsocr_mlx.load(str(out.path))  # the folder's own dtype, no flags
+    original = dsocr_mlx.load(str(tiny_ckpt), dtype=dtype)
+    assert converted.dtype == dtype
+    np.testing.assert_array_equal(converted.prefill_logits(inputs), original.prefill_logits(inputs))
+
+
+def test_converted_weights_are_in_mlx_layout(tiny_ckpt, tmp_path, tiny_config):
+    out = convert(tiny_ckpt, tmp_path / "c", dtype="float16", show_progress=False)
+    weights = mx.load(str(out.path / "model.safetensors"))
+    experts = weights["model.layers.1.mlp.experts.gate_proj.weight"]
+    t = tiny_config.text
+    assert experts.shape == (t.n_routed_experts, t.moe_intermediate_size, t.hidden_size)
+    s = tiny_config.sam
+    assert weights["model.sam_model.patch_embed.proj.weight"].shape == (s.width, 16, 16, 3)  # channels last
+    assert all(v.dtype == mx.float16 for v in weights.values())
+    assert not any(".experts.0." in k for k in weights)
+
+
+@pytest.mark.parametrize("bits,group,mode", [(8, 64, "affine"), (4, 32, "affine"), (4, 32, "mxfp4")])
+def test_quantized_folder_loads_without_flags(tiny_ckpt, tmp_path, inputs, tiny_model, bits, group, mode):
+    out = convert(tiny_ckpt, tmp_path / f"q{bits}{mode}", q_bits=bits, q_group_size=group, q_mode=mode,
+                  show_progress=False)
+    config = json.loads((out.path / "config.json").read_text())
+    assert config["quantization"]["bits"] == bits and config["quantization"]["group_size"] == group
+    assert config["quantization"]["mode"] == mode
+    model = dsocr_mlx.load(str(out.path))
+    m = model.runtime.model
+    layer = m.model.layers[1]
+    assert isinstance(layer.mlp.experts.gate_proj, QuantizedSwitchLinear)
+    assert isinstance(layer.mlp.shared_experts.up_proj, nn.QuantizedLinear)
+    assert isinstance(layer.self_attn.q_proj, nn.QuantizedLinear) and isinstance(m.lm_head, nn.QuantizedLinear)
+    assert isinstance(m.model.layers[0].mlp.down_proj, nn.QuantizedLinear)
+    # Kept in floating point: vision towers, projector, router, norms, layout embeddings, token embeddings.
+    assert type(m.model.projector.layers) is nn.Linear and type(m.model.embed_tokens) is nn.Embedding
+    assert type(m.model.sam_model.blocks[0].attn.qkv) is nn.Linear
+    assert type(m.model.vision_model.transformer.layers[0].mlp.fc1) is nn.Linear
+    assert layer.mlp.gate.weight.dtype == mx.float16 and m.model.image_newline.dtype == mx.float16
+    assert layer.input_layernorm.weight.dtype == mx.float16
+    logits = model.prefill_logits(inputs)
+    reference = tiny_model.prefill_logits(inputs)
+    assert np.isfinite(logits).all() and np.corrcoef(logits, reference)[0, 1] > 0.9
+    assert model.ocr(np.zeros((64, 64, 3), np.uint8), mode="tiny", max_new_tokens=3).token_ids
+
+
+def test_policy_can_quantize_the_vision_linears(tiny_ckpt, tmp_path):
+    out = convert(tiny_ckpt, tmp_path / "qv", q_bits=8, q_group_size=32, q_policy={"vision": True, "lm_head": False},
+                  show_progress=False)
+    m = dsocr_mlx.load(str(out.path)).runtime.model
+    assert isinstance(m.model.sam_model.blocks[0].attn.qkv, nn.QuantizedLinear)
+    assert type(m.lm_head) is nn.Linear
+    with pytest.raises(ValueError, match="unknown quantization policy"):
+        convert(tiny_ckpt, tmp_path / "bad", q_bits=4, q_policy={"router": True}, show_progress=False)
+
+
+def test_shards_and_refusals(tiny_ckpt, tmp_path, inputs):
+    out = convert(tiny_ckpt, tmp_path / "sharded", dtype="float32", max_shard_bytes=8_000_000, show_progress=False)
+    assert len(out.files) > 2 and (out.path / "model.safetensors.index.json").is_file()
+    np.testing.assert_array_equal(dsocr_mlx.load(str(out.path)).prefill_logits(inputs),
+                                  dsocr_mlx.load(str(tiny_ckpt), dtype="float32").prefill_logits(inputs))
+    with pytest.raises(FileExistsError, match="not empty"):
+        convert(tiny_ckpt, out.path, show_progress=False)
+    with pytest.raises(ValueError, match="already converted"):
+        convert(out.path, tmp_path / "again", show_progress=False)
+    with pytest.raises(ValueError, match="quantization bits"):
+        convert(tiny_ckpt, tmp_path / "q7", q_bits=7, show_progress=False)
+    assert not (tmp_path / "q7").exists() or not any((tmp_path / "q7").iterdir())
+
+
+def write_mlx_vlm_folder(src, dst, quantize_bits: int | None = None):
+    """A faithful copy of the layout mlx-vlm's converter writes for DeepSeek-OCR (its sanitize rules)."""
+    weights = {}
+    for f in sorted(src.glob("*.safetensors")):
+        weights.update(mx.load(str(f)))
+    ours = Model.sanitize(weights)
+    renamed = {}
+    for key, value in ours.items():
+        if key == "lm_head.weight":
+            key = "language_model.lm_head.weight"
+        elif key.startswith(("model.layers.", "model.embed_tokens.", "model.norm.")):
+            key = "language_model." + key.replace(".mlp.experts.", ".mlp.switch_mlp.")
+        elif key == "model.view_seperator":
+            key = "view_separator"
+        else:
+            key = key[len("model."):]
+        renamed[key] = value.astype(mx.float16)
+    config = json.loads((src / "config.json").read_text())
+    config["text_config"] = config.pop("language_config")
+    config["model_type"] = "deepseekocr"
+    if quantize_bits:
+        # mlx-vlm quantizes every layer with to_quantized whose weight splits into groups of 64.
+        quantized = {}
+        for key, value in renamed.items():
+            path = key.rsplit(".", 1)[0]
+            if (key.endswith(".weight") and value.ndim >= 2 and value.shape[-1] % 64 == 0
+                    and "patch_embed" not in key and "net_" not in key and "neck" not in key
+                    and "patch_embedding" not in key and ".mlp.gate." not in key):
+                w, scales, biases = mx.quantize(value, 64, quantize_bits)
+                quantized.update({f"{path}.weight": w, f"{path}.scales": scales, f"{path}.biases": biases})
+            else:
+                quantized[key] = value
+        renamed = quantized
+        config["quantization"] = {"group_size": 64, "bits": quantize_bits}
+    dst.mkdir()
+    mx.save_safetensors(str(dst / "model.safetensors"), renamed)
+    (dst / "config.json").write_text(json.dumps(config))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (dst / name).write_bytes((src / name).read_bytes())
+    return dst
+
+
+def test_mlx_vlm_folders_load_and_match(tiny_ckpt, tmp_path, inputs):
+    reference = dsocr_mlx.load(str(tiny_ckpt), dtype="float16").prefill_logits(inputs)
+    plain = dsocr_mlx.load(str(write_mlx_vlm_folder(tiny_ckpt, tmp_path / "vlm")), dtype="float16")
+    np.testing.assert_array_equal(plain.prefill_logits(inputs), reference)
+    q8 = dsocr_mlx.load(str(write_mlx_vlm_folder(tiny_ckpt, tmp_path / "vlm8", quantize_bits=8)))
+    m = q8.runtime.model
+    assert isinstance(m.model.embed_tokens, nn.QuantizedEmbedding)  # mlx-vlm quantizes embeddings too
+    saved = mx.load(str(tmp_path / "vlm8" / "model.safetensors"))
+    quantized = {p for p, mod in m.named_modules() if isinstance(mod, (nn.QuantizedLinear, nn.QuantizedEmbedding,
+                                                                       QuantizedSwitchLinear))}
+    assert len(quantized) == sum(k.endswith(".scales") for k in saved)  # exactly where scales were saved
+    assert np.corrcoef(q8.prefill_logits(inputs), reference)[0, 1] > 0.99
+    # A converter of ours reads mlx-vlm folders as sources too.
+    out = convert(tmp_path / "vlm", tmp_path / "from_vlm", dtype="float16", show_progress=False)
+    np.testing.assert_array_equal(dsocr_mlx.load(str(out.path)).prefill_logits(inputs), reference)
+
+
+def test_unknown_layout_names_what_was_found(tiny_ckpt, tmp_path):
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    mx.save_safetensors(str(folder / "weights.safetensors"), {"encoder.block.0.weight": mx.zeros((2, 2))})
+    for name in ("config.json", "tokenizer.json"):
+        (folder / name).write_bytes((tiny_ckpt / name).read_bytes())
+    with pytest.raises(ValueError, match="unknown checkpoint layout.*encoder.block.0.weight"):
+        dsocr_mlx.load(str(folder))
+
+
+def test_script_shell_and_offline_upload(tiny_ckpt, tmp_path, monkeypatch):
+    run = subprocess.run([sys.executable, "-m", "dsocr_convert", str(tiny_ckpt), str(tmp_path / "s"),
+                          "--q-bits", "8"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert "wrote" in run.stdout and "quantized" in run.stdout and run.stderr == ""  # no bar when not a TTY
+    again = subprocess.run([sys.executable, "-m", "dsocr_convert", str(tiny_ckpt), str(tmp_path / "s")],
+                           capture_output=True, text=True)
+    assert again.returncode == 1 and "not empty" in again.stderr and "Traceback" not in again.stderr
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConnectionError, match="upload to|HF_HUB_OFFLINE"):
+        convert(tiny_ckpt, tmp_path / "up", upload_repo="someone/dsocr-test", show_progress=False)
+    assert (tmp_path / "up" / "config.json").is_file()  # the conversion itself is kept
