@@ -43,3 +43,52 @@ def resolve_model_path(path_or_repo: str | Path) -> Path:
             f"the local cache ({type(e).__name__}). Download it elsewhere (huggingface-cli download {name}) "
             "and pass the local folder instead of the repo id."
         ) from None
+
+
+def describe_folder(folder: Path) -> str | None:
+    """The format of a DeepSeek-OCR model folder, or None when it is not one."""
+    import json
+
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if config.get("model_type") not in ("deepseek_vl_v2", "deepseekocr") and "projector_config" not in config:
+        return None
+    q = config.get("quantization")
+    qtext = f", {q.get('bits')}-bit {q.get('mode', 'affine')}" if isinstance(q, dict) else ""
+    if config.get("dsocr_format"):
+        return f"dsocr-mlx ({config.get('dsocr_dtype', '?')}{qtext})"
+    if "text_config" in config or config.get("model_type") == "deepseekocr":
+        return f"mlx-vlm{qtext or ' (float)'}"
+    return "original (bf16)"
+
+
+def hub_cache_dir() -> Path:
+    """The huggingface_hub cache folder, read from the environment now (``HF_HUB_CACHE``, ``HF_HOME``)."""
+    import os
+
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache") / "huggingface"
+    return Path(home).expanduser() / "hub"
+
+
+def list_cached_models() -> list[tuple[str, str, Path, int]]:
+    """DeepSeek-OCR models in the huggingface_hub cache: ``(repo id, format, snapshot folder, bytes)``."""
+    from huggingface_hub import scan_cache_dir
+    from huggingface_hub.errors import CacheNotFound
+
+    try:
+        cache = scan_cache_dir(hub_cache_dir())
+    except CacheNotFound:
+        return []
+    found = []
+    for repo in sorted(cache.repos, key=lambda r: r.repo_id):
+        if repo.repo_type != "model":
+            continue
+        for revision in sorted(repo.revisions, key=lambda r: r.last_modified, reverse=True)[:1]:
+            kind = describe_folder(Path(revision.snapshot_path))
+            if kind:
+                found.append((repo.repo_id, kind, Path(revision.snapshot_path), revision.size_on_disk))
+    return found

@@ -6,7 +6,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -330,9 +330,13 @@ class OCRModel:
         ngram_window: int | None = None,
         detect_loops: bool = True,
         retry_on_repetition: bool = True,
+        on_text: Callable[[str], None] | None = None,
         _page: tuple[int, str] | None = None,
     ) -> OCRResult:
-        """OCR of ``image`` as one :class:`OCRResult` (a loop over :meth:`stream_ocr`; same arguments)."""
+        """OCR of ``image`` as one :class:`OCRResult` (a loop over :meth:`stream_ocr`; same arguments).
+
+        ``on_text`` receives each text delta as it is generated (to show progress while waiting).
+        """
         t0 = time.perf_counter()
         images = image if isinstance(image, (list, tuple)) else ([] if image is None else [image])
         pil = [load_image(im) for im in images]
@@ -349,7 +353,11 @@ class OCRModel:
         ):
             if last.restart:
                 tokens, retried, loop = [], True, last.repetition
+                if on_text is not None:
+                    on_text("\n[repetition loop: retrying with stronger anti-repetition settings]\n")
                 continue
+            if on_text is not None and last.text:
+                on_text(last.text)
             first_token = first_token or time.perf_counter()
             tokens.append(last.token)
             if last.finish_reason:

@@ -93,26 +93,6 @@ def test_clean_markdown_follows_the_official_post_processing():
     assert clean_markdown(raw) == "\n# Hello\n![](images/0.jpg)\n\n\na := b"
 
 
-def test_cli_ocr_prints_markdown(tiny_ckpt, sample_image, tmp_path):
-    from PIL import Image
-
-    path = tmp_path / "page.png"
-    Image.fromarray(sample_image).save(path)
-    result = CliRunner().invoke(app, ["ocr", str(path), "--model", str(tiny_ckpt), "--dtype", "float32",
-                                      "--mode", "tiny", "--max-new-tokens", "4", "--raw"])
-    assert result.exit_code == 0, result.output
-    model = dsocr_mlx.load(str(tiny_ckpt), dtype="float32")
-    expected = model.ocr(path, mode="tiny", max_new_tokens=4).raw_text
-    assert result.output.strip() == expected.strip()
-
-
-def test_cli_missing_image_is_one_clear_line(tiny_ckpt, tmp_path):
-    result = CliRunner().invoke(app, ["ocr", str(tmp_path / "missing.png"), "--model", str(tiny_ckpt),
-                                      "--dtype", "float32"])
-    assert result.exit_code == 1
-    assert "missing.png not found" in result.output and "Traceback" not in result.output
-
-
 def test_cli_make_test_model_and_version(tmp_path):
     runner = CliRunner()
     assert dsocr_mlx.__version__ in runner.invoke(app, ["--version"]).output

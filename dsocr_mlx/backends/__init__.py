@@ -12,8 +12,15 @@ BACKENDS = {"mlx": ("dsocr_mlx.backends.mlx", "mlx.core", 'pip install "dsocr-ml
 DTYPES = ("float32", "float16", "bfloat16")
 
 
+def default_backend() -> str:
+    """What ``auto`` means on this host."""
+    return "mlx"
+
+
 def get_backend(name: str) -> Any:
-    """The backend module for ``name``, with a clear error when it or its framework is missing."""
+    """The backend module for ``name`` (or ``auto``), with a clear error when it or its framework is missing."""
+    if name == "auto":
+        name = default_backend()
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}: available backends are {', '.join(BACKENDS)}")
     module, framework, hint = BACKENDS[name]

@@ -1,0 +1,118 @@
+"""One ``config.toml`` shared by the CLI and the server: defaults, the file, and their precedence.
+
+Precedence: command line > config file > built-in defaults. A missing file is created with the defaults
+(commented) on first use, so users can see every setting.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "model": {"path": "deepseek-ai/DeepSeek-OCR", "backend": "auto", "dtype": "float16"},
+    "ocr": {
+        "mode": "gundam", "task": "markdown", "max_new_tokens": 8192, "temperature": 0.0, "top_p": 1.0, "top_k": 0,
+        "repetition_penalty": 1.0, "dpi": 144, "detect_loops": True, "retry_on_repetition": True,
+    },
+    "server": {
+        "host": "127.0.0.1", "port": 8000, "api_key": "", "max_queue": 16, "request_timeout": 600,
+        "max_body_mb": 50, "max_image_pixels": 100_000_000, "max_pdf_pages": 50, "max_tokens_cap": 8192,
+        "allow_remote_images": False, "cors_origins": [], "models": {}, "allow_model_switch": True,
+    },
+}
+
+TEMPLATE = """# dsocr configuration (created with the defaults; edit and uncomment what you want to change).
+# Command-line options override these values.
+
+[model]
+# path = "deepseek-ai/DeepSeek-OCR"   # Hugging Face repo id or local folder
+# backend = "auto"                    # auto, mlx or torch
+# dtype = "float16"                   # float16, bfloat16 or float32
+
+[ocr]
+# mode = "gundam"                     # tiny, small, base, large, gundam
+# task = "markdown"                   # markdown, ocr, free, figure, describe, locate
+# max_new_tokens = 8192
+# temperature = 0.0
+# top_p = 1.0
+# top_k = 0
+# repetition_penalty = 1.0
+# dpi = 144                           # PDF rendering
+# detect_loops = true
+# retry_on_repetition = true
+
+[server]
+# host = "127.0.0.1"
+# port = 8000
+# api_key = ""                        # require "Authorization: Bearer KEY" when set
+# max_queue = 16
+# request_timeout = 600               # seconds
+# max_body_mb = 50
+# max_image_pixels = 100000000
+# max_pdf_pages = 50
+# max_tokens_cap = 8192
+# allow_remote_images = false
+# cors_origins = []
+# allow_model_switch = true
+
+# [server.models]                     # extra models a request may name: name = "repo id or folder"
+# small = "mlx-community/DeepSeek-OCR-4bit"
+"""
+
+
+def default_config_path() -> Path:
+    """``$DSOCR_CONFIG``, else the platform's config folder (``~/Library/Application Support/dsocr`` on
+    macOS, ``$XDG_CONFIG_HOME/dsocr`` or ``~/.config/dsocr`` elsewhere)."""
+    if os.environ.get("DSOCR_CONFIG"):
+        return Path(os.environ["DSOCR_CONFIG"]).expanduser()
+    if sys.platform == "darwin":
+        base = Path.home() / "Library" / "Application Support"
+    else:
+        base = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    return base / "dsocr" / "config.toml"
+
+
+def load_settings(path: str | Path | None = None, create: bool = True) -> dict[str, dict[str, Any]]:
+    """The defaults overlaid with the config file (created with the defaults if missing)."""
+    path = Path(path).expanduser() if path else default_config_path()
+    settings = {section: dict(values) for section, values in DEFAULTS.items()}
+    if not path.exists():
+        if create:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(TEMPLATE)
+            except OSError:
+                pass  # a read-only home must not stop OCR: the defaults apply
+        return settings
+    try:
+        data = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid TOML ({e}); fix it or delete it to get the defaults back") from None
+    for section, values in data.items():
+        if section not in DEFAULTS or not isinstance(values, dict):
+            raise ValueError(f"{path}: unknown section [{section}] (known: {', '.join(DEFAULTS)})")
+        for key, value in values.items():
+            if key not in DEFAULTS[section]:
+                raise ValueError(f"{path}: unknown setting {section}.{key}")
+            default = DEFAULTS[section][key]
+            if isinstance(default, bool) != isinstance(value, bool) or (
+                    isinstance(default, (int, float)) and not isinstance(value, (int, float))) or (
+                    isinstance(default, str) and not isinstance(value, str)):
+                raise ValueError(f"{path}: {section}.{key} should be like {default!r}, got {value!r}")
+            settings[section][key] = value
+    return settings
+
+
+def merge(settings: dict[str, Any], **overrides: Any) -> dict[str, Any]:
+    """A section's settings with the command-line values that were given (None means not given)."""
+    out = dict(settings)
+    out.update({k: v for k, v in overrides.items() if v is not None})
+    return out
