@@ -8,7 +8,10 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-BACKENDS = {"mlx": ("dsocr_mlx.backends.mlx", "mlx.core", 'pip install "dsocr-mlx"  (needs mlx, or mlx[cpu] on Linux)')}
+BACKENDS = {
+    "mlx": ("dsocr_mlx.backends.mlx", "mlx.core", 'pip install "dsocr-mlx"  (needs mlx, or mlx[cpu] on Linux)'),
+    "torch": ("dsocr_mlx.backends.torch", "torch", 'pip install "dsocr-mlx[torch]"'),
+}
 DTYPES = ("float32", "float16", "bfloat16")
 
 

@@ -1,0 +1,111 @@
+"""The PyTorch backend (CPU and CUDA): strict loading straight into the target dtype and device."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+
+from ...config import ModelArgs
+from ...processing import ProcessedInputs
+from ...sampling import SamplingParams
+from ...weights import check_checkpoint, checkpoint_shapes, safetensors_shapes, weight_files
+from .generate import generate_step, make_logits_processors, make_sampler, prefill
+from .model import Model
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+CONVERTED_FORMAT = "dsocr-mlx/1"  # folders written by `dsocr convert`: MLX layout, float or quantized
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_model(folder: str | Path, args: ModelArgs, dtype: str = "float32", device: str | None = None) -> Model:
+    """Build the model on the meta device and fill it strictly, each tensor read onto ``device`` in ``dtype``.
+
+    Nothing is materialised twice: no float32 copy on the CPU before moving to the GPU.
+    """
+    device = device or default_device()
+    files = weight_files(folder)
+    names = safetensors_shapes(files)
+    source = f"the checkpoint in {folder}"
+    converted = args.converted_format == CONVERTED_FORMAT
+    if args.quantization:
+        raise ValueError(f"{folder} is quantized ({args.quantization.get('bits')}-bit), which only the MLX backend "
+                         "runs; use --backend mlx, or convert the original checkpoint to a float dtype")
+    if args.converted_format and not converted:
+        raise ValueError(f"config.json names the format {args.converted_format!r}, which this version cannot read")
+    if any(n.startswith("language_model.") for n in names):
+        raise ValueError(f"{folder} is an mlx-vlm conversion, which only the MLX backend reads; use --backend mlx "
+                         "or the original deepseek-ai/DeepSeek-OCR checkpoint")
+    if not converted:
+        check_checkpoint(names, checkpoint_shapes(args), source)
+    target = DTYPES[dtype]
+    weights: dict[str, torch.Tensor] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt", device=str(device)) as handle:
+            for key in handle.keys():
+                weights[key] = handle.get_tensor(key).to(target)
+    weights = Model.sanitize(weights, channels_last_convs=converted)
+    with torch.device("meta"):
+        model = Model(args)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    check_checkpoint({k: tuple(v.shape) for k, v in weights.items()}, expected, source)
+    model.load_state_dict(weights, strict=True, assign=True)
+    return model.eval()
+
+
+class Runtime:
+    """What the backend-neutral pipeline calls: vision, prefill logits and token generation."""
+
+    name = "torch"
+
+    def __init__(self, model: Model, dtype: str, device: str):
+        self.model = model
+        self.dtype = dtype
+        self.device = device
+
+    @classmethod
+    def load(cls, folder: str | Path, args: ModelArgs, dtype: str, device: str | None = None) -> Runtime:
+        device = device or default_device()
+        return cls(load_model(folder, args, dtype, device), dtype, device)
+
+    def _pixels(self, array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(array)).to(self.device, DTYPES[self.dtype])
+
+    @torch.inference_mode()
+    def image_embeddings(self, inputs: ProcessedInputs) -> torch.Tensor | None:
+        if inputs.global_pixels.shape[0] == 0:
+            return None
+        crops = self._pixels(inputs.crop_pixels) if inputs.crop_pixels.shape[0] else None
+        return self.model.model.encode_images(self._pixels(inputs.global_pixels), crops, inputs.images_spatial_crop)
+
+    @torch.inference_mode()
+    def input_embeddings(self, inputs: ProcessedInputs, image_embeddings: torch.Tensor | None) -> torch.Tensor:
+        ids = torch.from_numpy(inputs.input_ids[None]).to(self.device)
+        return self.model.model.get_input_embeddings(ids, image_embeddings, inputs.images_seq_mask)
+
+    @torch.inference_mode()
+    def prefill_logits(self, inputs: ProcessedInputs, image_embeddings: torch.Tensor | None) -> np.ndarray:
+        embeds = self.input_embeddings(inputs, image_embeddings)
+        logits = prefill(self.model, embeds, self.model.make_cache())
+        return logits[0].float().cpu().numpy()
+
+    def generate(self, inputs: ProcessedInputs, image_embeddings: torch.Tensor | None, max_tokens: int,
+                 params: SamplingParams | None = None) -> Iterator[int]:
+        """Token ids one by one (the caller stops on EOS); greedy with no processors by default."""
+        params = params or SamplingParams(no_repeat_ngram_size=0)
+        embeds = self.input_embeddings(inputs, image_embeddings)
+        prompt = inputs.input_ids.tolist()
+        sampler = make_sampler(params.temperature, params.top_p, params.top_k, params.seed)
+        for token, _ in generate_step(prompt, self.model, input_embeddings=embeds, max_tokens=max_tokens,
+                                      sampler=sampler, logits_processors=make_logits_processors(params, len(prompt))):
+            yield token
+
+    @staticmethod
+    def to_numpy(x: torch.Tensor) -> np.ndarray:
+        return x.float().cpu().numpy()

@@ -1,0 +1,51 @@
+"""A small KV cache with the MLX cache's API, preallocated once (static shapes, gpt-fast style), in PyTorch."""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    """Keys and values of one attention layer, ``(B, heads, T, head_dim)``, in a buffer of ``max_length``."""
+
+    step = 256
+
+    def __init__(self, max_length: int | None = None):
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+        self.offset = 0
+        self.max_length = max_length
+
+    def update_and_fetch(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append ``keys``/``values`` at ``offset`` and return everything cached so far."""
+        prev, n = self.offset, keys.shape[2]
+        if self.keys is None or prev + n > self.keys.shape[2]:
+            B, heads, _, dk = keys.shape
+            need = prev + n
+            size = max(self.max_length or 0, ((need + self.step - 1) // self.step) * self.step)
+            new_k = keys.new_zeros((B, heads, size, dk))
+            new_v = values.new_zeros((B, heads, size, values.shape[3]))
+            if self.keys is not None:
+                new_k[..., :prev, :] = self.keys[..., :prev, :]
+                new_v[..., :prev, :] = self.values[..., :prev, :]
+            self.keys, self.values = new_k, new_v
+        self.offset += n
+        self.keys[..., prev : self.offset, :] = keys
+        self.values[..., prev : self.offset, :] = values
+        return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
+
+    @property
+    def state(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if self.keys is None:
+            return None, None
+        return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
+
+    def trim(self, n: int) -> int:
+        """Drop the last ``n`` positions; returns how many were dropped."""
+        n = min(self.offset, n)
+        self.offset -= n
+        return n
+
+
+def make_cache(num_layers: int, max_length: int | None = None) -> list[KVCache]:
+    return [KVCache(max_length) for _ in range(num_layers)]

@@ -1,0 +1,128 @@
+"""Token generation in PyTorch: chunked prefill into the KV cache, then one decode step per token."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+
+from ...sampling import SamplingParams, banned_ngram_tokens
+from .model import Model
+
+Sampler = Callable[[torch.Tensor], torch.Tensor]
+LogitsProcessor = Callable[[list[int], torch.Tensor], torch.Tensor]
+
+
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    return torch.argmax(logits, dim=-1)
+
+
+def make_sampler(temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None) -> Sampler:
+    """Greedy at temperature 0; otherwise temperature sampling after optional top-k and top-p filtering."""
+    if temperature == 0:
+        return greedy
+    generator = torch.Generator()
+    generator.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(4), "little"))
+
+    def sample(logits: torch.Tensor) -> torch.Tensor:
+        logits = logits.float() / temperature
+        if top_k and top_k < logits.shape[-1]:
+            kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if top_p < 1.0:
+            sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+            probs = sorted_logits.softmax(dim=-1)
+            # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+            drop = (probs.cumsum(dim=-1) - probs) >= top_p
+            logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+        probs = logits.softmax(dim=-1).cpu()
+        return torch.multinomial(probs, 1, generator=generator)[..., 0]
+
+    return sample
+
+
+def make_logits_processors(params: SamplingParams, prompt_length: int) -> list[LogitsProcessor]:
+    """The repetition penalty and the no-repeat n-gram ban, over the generated tokens only.
+
+    The official scripts run the ban as a vLLM logits processor, which sees the generated ids only.
+    """
+    processors: list[LogitsProcessor] = []
+    if params.repetition_penalty != 1.0:
+        penalty = params.repetition_penalty
+
+        def repetition(tokens: list[int], logits: torch.Tensor) -> torch.Tensor:
+            seen = sorted(set(tokens[prompt_length:]))
+            if not seen:
+                return logits
+            idx = torch.tensor(seen, device=logits.device)
+            picked = logits[..., idx]
+            logits[..., idx] = torch.where(picked > 0, picked / penalty, picked * penalty)
+            return logits
+
+        processors.append(repetition)
+    if params.no_repeat_ngram_size > 0:
+
+        def no_repeat_ngram(tokens: list[int], logits: torch.Tensor) -> torch.Tensor:
+            banned = banned_ngram_tokens(tokens[prompt_length:], params.no_repeat_ngram_size, params.ngram_window,
+                                         params.ngram_whitelist)
+            if banned:
+                logits[..., torch.tensor(sorted(banned), device=logits.device)] = float("-inf")
+            return logits
+
+        processors.append(no_repeat_ngram)
+    return processors
+
+
+def prefill(model: Model, input_embeddings: torch.Tensor, cache: list, step_size: int = 512) -> torch.Tensor:
+    """Run the prompt through the decoder in chunks; returns float32 logits at the last position."""
+    L = input_embeddings.shape[1]
+    start = 0
+    while L - start > step_size:
+        model.model(None, cache, input_embeddings[:, start : start + step_size])
+        start += step_size
+    hidden = model.model(None, cache, input_embeddings[:, start:])
+    return model.lm_head(hidden[:, -1, :]).float()
+
+
+@torch.inference_mode()
+def generate_step(
+    prompt: Sequence[int],
+    model: Model,
+    *,
+    input_embeddings: torch.Tensor,
+    max_tokens: int = 256,
+    sampler: Sampler | None = None,
+    logits_processors: Sequence[LogitsProcessor] = (),
+    prefill_step_size: int = 512,
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """Yield ``(token, logits)`` per generated token; the caller decides when to stop.
+
+    Args:
+        prompt: the prompt token ids (the processors see prompt + generated ids, like HF).
+        model: the torch model.
+        input_embeddings: ``(1, L, D)`` prompt embeddings with the image rows scattered in.
+        max_tokens: the most tokens to generate.
+        sampler: maps float32 logits ``(1, V)`` to a token id; greedy when None.
+        logits_processors: callables ``(token_ids, logits) -> logits`` applied in order.
+        prefill_step_size: prompt positions per prefill chunk.
+
+    Yields:
+        The token id and the float32 logits it was chosen from (after the processors).
+    """
+    sampler = sampler or greedy
+    tokens = [int(t) for t in prompt]
+    # Preallocated once for the whole run: no reallocation while decoding.
+    cache = model.make_cache(max_length=input_embeddings.shape[1] + max_tokens)
+    device = input_embeddings.device
+
+    logits = prefill(model, input_embeddings, cache, prefill_step_size)
+    for n in range(max_tokens):
+        for processor in logits_processors:
+            logits = processor(tokens, logits)
+        token = int(sampler(logits).item())
+        tokens.append(token)
+        yield token, logits
+        if n + 1 < max_tokens:
+            step = torch.tensor([[token]], device=device)
+            logits = model(step, cache)[:, -1, :].float()
