@@ -10,7 +10,6 @@ import pytest
 from tests import tolerances as tol
 
 pytestmark = pytest.mark.slow
-mx = pytest.importorskip("mlx.core")
 
 
 def rel_l2(a, b) -> float:
@@ -29,11 +28,29 @@ def load_cases(golden_dir):
 CASE_IDS = ["p01", "p02", "p03", "p04", "p05", "p06"]
 
 
-@pytest.fixture(scope="module")
-def golden_model(golden_ckpt):
+@pytest.fixture(scope="module", params=["mlx", "torch"])
+def golden_model(request, golden_ckpt):
+    """The golden checkpoint in float32 on each backend (one loaded at a time)."""
+    pytest.importorskip("mlx.core" if request.param == "mlx" else "torch")
     import dsocr_mlx
 
-    return dsocr_mlx.load(str(golden_ckpt), backend="mlx", dtype="float32")
+    model = dsocr_mlx.load(str(golden_ckpt), backend=request.param, dtype="float32")
+    yield model
+    del model
+
+
+def to_numpy(x) -> np.ndarray:
+    return x.float().cpu().numpy() if hasattr(x, "cpu") else np.array(x)
+
+
+def no_grad(model):
+    import contextlib
+
+    if model.backend == "torch":
+        import torch
+
+        return torch.inference_mode()
+    return contextlib.nullcontext()
 
 
 @pytest.fixture(scope="module")
@@ -44,16 +61,17 @@ def cases(golden_dir):
 def decoder_trace(model, inputs, image_embeddings):
     """Hidden state at the last prompt position after each layer and the final norm, plus MoE routing."""
     runtime = model.runtime
-    h = runtime.input_embeddings(inputs, image_embeddings)
     hidden, routing = [], {}
-    for i, layer in enumerate(runtime.model.model.layers):
-        a = h + layer.self_attn(layer.input_layernorm(h), "causal", None)
-        x = layer.post_attention_layernorm(a)
-        if hasattr(layer.mlp, "gate"):
-            routing[i] = np.sort(np.array(layer.mlp.gate(x)[0][0]), axis=-1)
-        h = a + layer.mlp(x)
-        hidden.append(np.array(h[0, -1]))
-    hidden.append(np.array(runtime.model.model.norm(h)[0, -1]))
+    with no_grad(model):
+        h = runtime.input_embeddings(inputs, image_embeddings)
+        for i, layer in enumerate(runtime.model.model.layers):
+            a = h + layer.self_attn(layer.input_layernorm(h), "causal", None)
+            x = layer.post_attention_layernorm(a)
+            if hasattr(layer.mlp, "gate"):
+                routing[i] = np.sort(to_numpy(layer.mlp.gate(x)[0][0]), axis=-1)
+            h = a + layer.mlp(x)
+            hidden.append(to_numpy(h[0, -1]))
+        hidden.append(to_numpy(runtime.model.model.norm(h)[0, -1]))
     return np.stack(hidden), routing
 
 
@@ -106,9 +124,17 @@ def test_golden_vision_towers(golden_model, golden_dir, cases, case_id):
     npz = np.load(golden_dir / "cases" / f"{case_id}.npz")
     inputs = golden_model.prepare(golden_dir / case["image"], case["prompt"], mode=case["mode"])
     inner = golden_model.runtime.model.model
-    sam = inner.sam_model(mx.array(inputs.global_pixels.transpose(0, 2, 3, 1)))
-    clip = np.array(inner.vision_model(sam))
-    sam = np.array(sam).transpose(0, 3, 1, 2)  # back to the reference's NCHW
+    with no_grad(golden_model):
+        if golden_model.backend == "mlx":
+            import mlx.core as mx
+
+            sam = inner.sam_model(mx.array(inputs.global_pixels.transpose(0, 2, 3, 1)))  # MLX is channels-last
+        else:
+            import torch
+
+            sam = inner.sam_model(torch.from_numpy(inputs.global_pixels))
+        clip = to_numpy(inner.vision_model(sam))
+        sam = to_numpy(sam).transpose(0, 3, 1, 2)  # back to the reference's NCHW
     for name, ours, want in (("sam", sam, npz["sam_out_global"]), ("clip", clip, npz["clip_out_global"])):
         assert ours.shape == want.shape, name
         assert rel_l2(ours, want) < tol.GOLDEN_EMB_REL_L2, name

@@ -22,7 +22,10 @@ class KVCache:
         if self.keys is None or prev + n > self.keys.shape[2]:
             B, heads, _, dk = keys.shape
             need = prev + n
-            size = max(self.max_length or 0, ((need + self.step - 1) // self.step) * self.step)
+            if self.max_length and need <= self.max_length:
+                size = self.max_length
+            else:
+                size = ((need + self.step - 1) // self.step) * self.step
             new_k = keys.new_zeros((B, heads, size, dk))
             new_v = values.new_zeros((B, heads, size, values.shape[3]))
             if self.keys is not None:

@@ -1,0 +1,148 @@
+"""The PyTorch backend: MLX-vs-torch parity per component and on logits, its cache, its loader's refusals."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import dsocr_mlx
+from tests.conftest import assert_close
+from tests.tolerances import BACKENDS, CACHE
+
+torch = pytest.importorskip("torch")
+mx = pytest.importorskip("mlx.core")
+
+
+@pytest.fixture(scope="module")
+def torch_model(tiny_ckpt):
+    return dsocr_mlx.load(str(tiny_ckpt), backend="torch", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def inputs(tiny_model, sample_image):
+    return tiny_model.prepare(sample_image, "<image>\nFree OCR.", mode="gundam")
+
+
+def test_state_dict_mirrors_the_mlx_parameters(tiny_model, torch_model):
+    from mlx.utils import tree_flatten
+
+    mlx_params = {k: tuple(v.shape) for k, v in tree_flatten(tiny_model.runtime.model.parameters())}
+    torch_params = {k: tuple(v.shape) for k, v in torch_model.runtime.model.state_dict().items()}
+    assert set(mlx_params) == set(torch_params)
+    from dsocr_mlx.weights import CONV_WEIGHTS
+
+    convs = set(CONV_WEIGHTS)
+    for key, shape in torch_params.items():
+        want = mlx_params[key]
+        if key in convs:  # (out, kh, kw, in) in MLX, (out, in, kh, kw) in torch
+            want = (want[0], want[3], want[1], want[2])
+        assert shape == want, key
+
+
+def test_vision_components_match(tiny_model, torch_model, inputs):
+    m, t = tiny_model.runtime.model.model, torch_model.runtime.model.model
+    pixels = inputs.global_pixels
+    with torch.inference_mode():
+        sam_t = t.sam_model(torch.from_numpy(pixels))
+        clip_t = t.vision_model(sam_t)
+        view_t = t.encode_view(torch.from_numpy(inputs.crop_pixels[:2]))
+    sam_m = m.sam_model(mx.array(pixels.transpose(0, 2, 3, 1)))
+    assert_close(np.array(sam_m), sam_t.numpy(), **BACKENDS, what="SAM")
+    assert_close(np.array(m.vision_model(sam_m)), clip_t.numpy(), **BACKENDS, what="CLIP")
+    view_m = m.encode_view(mx.array(inputs.crop_pixels[:2].transpose(0, 2, 3, 1)))
+    assert_close(np.array(view_m), view_t.numpy(), **BACKENDS, what="encode_view (tiles)")
+
+
+def test_image_embeddings_and_prefill_logits_match(tiny_model, torch_model, inputs):
+    assert_close(torch_model.image_embeddings(inputs), tiny_model.image_embeddings(inputs), **BACKENDS,
+                 what="image embeddings")
+    assert_close(torch_model.prefill_logits(inputs), tiny_model.prefill_logits(inputs), **BACKENDS,
+                 what="prefill logits")
+
+
+def test_greedy_tokens_match_across_backends(tiny_model, torch_model, sample_image):
+    kwargs = dict(task="free", mode="small", max_new_tokens=16, detect_loops=False)
+    assert torch_model.ocr(sample_image, **kwargs).token_ids == tiny_model.ocr(sample_image, **kwargs).token_ids
+    ngram = dict(kwargs, no_repeat_ngram_size=3, ngram_window=20, repetition_penalty=1.2)
+    assert torch_model.ocr(sample_image, **ngram).token_ids == tiny_model.ocr(sample_image, **ngram).token_ids
+
+
+def naive_greedy(model, embeds, steps: int) -> list[int]:
+    """The oracle: recompute the whole sequence at every step, no cache."""
+    out = []
+    with torch.inference_mode():
+        for _ in range(steps):
+            token = int(model(None, None, embeds)[0, -1].argmax())
+            out.append(token)
+            embeds = torch.cat([embeds, model.model.embed_tokens(torch.tensor([[token]]))], dim=1)
+    return out
+
+
+def test_cached_greedy_equals_naive_greedy(torch_model, inputs):
+    runtime = torch_model.runtime
+    emb = runtime.image_embeddings(inputs)
+    cached = list(runtime.generate(inputs, emb, max_tokens=10))
+    assert cached == naive_greedy(runtime.model, runtime.input_embeddings(inputs, emb), 10)
+
+
+def test_chunked_prefill_and_decode_steps_equal_full_forward(torch_model, inputs):
+    from dsocr_mlx.backends.torch.generate import prefill
+
+    model = torch_model.runtime.model
+    embeds = torch_model.runtime.input_embeddings(inputs, torch_model.runtime.image_embeddings(inputs))
+    with torch.inference_mode():
+        full = model(None, None, embeds)[0]
+        for step in (7, 100, 10_000):
+            cache = model.make_cache()
+            chunked = prefill(model, embeds, cache, step_size=step)[0]
+            assert cache[0].offset == embeds.shape[1]
+            assert_close(chunked.numpy(), full[-1].numpy(), **CACHE, what=f"prefill step {step}")
+        ids = torch.tensor([[0, 1000, 2000, 3000, 4000]])
+        whole = model(ids)[0]
+        cache = model.make_cache(max_length=8)
+        model(ids[:, :3], cache)
+        assert_close(model(ids[:, 3:4], cache)[0, 0].numpy(), whole[3].numpy(), **CACHE, what="decode step")
+        assert cache[0].keys.shape[2] == 8  # preallocated once
+
+
+def test_moe_gather_and_grouped_paths_agree(torch_model):
+    experts = torch_model.runtime.model.model.layers[1].mlp.experts
+    x = torch.randn(5, experts.gate_proj.weight.shape[2], generator=torch.Generator().manual_seed(0))
+    idx = torch.randint(0, experts.gate_proj.weight.shape[0], (5, 3), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        gathered = experts(x, idx)
+        experts.gather_limit = 0
+        grouped = experts(x, idx)
+        experts.gather_limit = type(experts).gather_limit
+    assert_close(gathered.numpy(), grouped.numpy(), **CACHE, what="MoE paths")
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_loads_in_that_dtype(tiny_ckpt, torch_model, inputs, dtype):
+    half = dsocr_mlx.load(str(tiny_ckpt), backend="torch", dtype=dtype)
+    assert {p.dtype for p in half.runtime.model.parameters()} == {getattr(torch, dtype)}
+    logits = half.prefill_logits(inputs)
+    assert np.corrcoef(logits, torch_model.prefill_logits(inputs))[0, 1] > 0.99
+
+
+def test_loader_refuses_what_only_mlx_runs(tiny_ckpt, tmp_path, torch_model, inputs):
+    from dsocr_mlx.convert import convert
+
+    q = convert(tiny_ckpt, tmp_path / "q4", q_bits=4, q_group_size=32, show_progress=False)
+    with pytest.raises(ValueError, match="only the MLX backend"):
+        dsocr_mlx.load(str(q.path), backend="torch")
+    f = convert(tiny_ckpt, tmp_path / "f32", dtype="float32", show_progress=False)
+    converted = dsocr_mlx.load(str(f.path), backend="torch")
+    np.testing.assert_array_equal(converted.prefill_logits(inputs), torch_model.prefill_logits(inputs))
+
+
+def test_backend_errors_are_clear(tiny_ckpt, monkeypatch):
+    from dsocr_mlx import backends
+
+    with pytest.raises(ValueError, match="unknown backend 'jax'"):
+        dsocr_mlx.load(str(tiny_ckpt), backend="jax")
+    monkeypatch.setitem(backends.BACKENDS, "torch", ("dsocr_mlx.backends.torch", "torch_missing_module",
+                                                     'pip install "dsocr-mlx[torch]"'))
+    with pytest.raises(ImportError, match=r"dsocr-mlx\[torch\]"):
+        dsocr_mlx.load(str(tiny_ckpt), backend="torch")
+    assert backends.default_backend() in ("mlx", "torch")
