@@ -48,11 +48,13 @@ def invoke(*args: str):
     return CliRunner().invoke(app, list(args))
 
 
-def test_ocr_prints_the_library_result(env, page, tiny_ckpt):
-    result = invoke("ocr", str(page), *BASE)
+@pytest.mark.parametrize("backend", ["mlx", "torch"])
+def test_ocr_prints_the_library_result(env, page, tiny_ckpt, backend):
+    pytest.importorskip("mlx.core" if backend == "mlx" else "torch")
+    result = invoke("ocr", str(page), *BASE, "--backend", backend)
     assert result.exit_code == 0, result.output
-    expected = dsocr_mlx.load(str(tiny_ckpt), dtype="float32").ocr(page, mode="tiny", max_new_tokens=4).text
-    assert result.stdout.strip() == expected.strip()
+    model = dsocr_mlx.load(str(tiny_ckpt), backend=backend, dtype="float32")
+    assert result.stdout.strip() == model.ocr(page, mode="tiny", max_new_tokens=4).text.strip()
 
 
 def test_formats_json_and_text(env, page):
@@ -118,12 +120,14 @@ def test_folders_and_globs_expand(env, page, tmp_path):
     assert nothing.exit_code == 1 and "no file matches" in nothing.stderr
 
 
-def test_pdf_pages(env, doc, tmp_path):
-    single = invoke("ocr", str(doc), *BASE, "--pages", "1,3")
+@pytest.mark.parametrize("backend", ["mlx", "torch"])
+def test_pdf_pages(env, doc, tmp_path, backend):
+    pytest.importorskip("mlx.core" if backend == "mlx" else "torch")
+    single = invoke("ocr", str(doc), *BASE, "--pages", "1,3", "--backend", backend)
     assert single.exit_code == 0, single.output
     assert single.stdout.count("<--- Page Split --->") == 2
     out = tmp_path / "out"
-    written = invoke("ocr", str(doc), *BASE, "--pages", "2-", "--out", str(out))
+    written = invoke("ocr", str(doc), *BASE, "--pages", "2-", "--out", str(out), "--backend", backend)
     assert written.exit_code == 0
     for name in ("doc.mmd", "doc_det.mmd", "doc_layouts.pdf", "doc.json"):
         assert (out / "doc" / name).is_file()
