@@ -7,14 +7,15 @@ lists of four-number boxes and keeps anything else as plain text.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-SPAN = re.compile(r"(<\|ref\|>(.*?)<\|/ref\|><\|det\|>(.*?)<\|/det\|>)", re.DOTALL)
-_NUMBER = r"\s*(-?\d+(?:\.\d+)?)\s*"
+_REF, _REF_END, _DET_END = "<|ref|>", "<|/ref|><|det|>", "<|/det|>"
+_NUMBER = r"\s*(-?[0-9]+(?:\.[0-9]+)?)\s*"
 _BOX = re.compile(r"\s*\[" + ",".join([_NUMBER] * 4) + r"\]\s*")
 _MAX_BOXES = 256  # a span listing more is not a real layout block
 
@@ -34,6 +35,25 @@ class Block:
                 "page": self.page}
 
 
+def find_spans(raw: str) -> list[tuple[int, int, str, str]]:
+    """``(start, end, label, boxes text)`` of every complete span, in linear time.
+
+    Matches what the official regex ``<|ref|>(.*?)<|/ref|><|det|>(.*?)<|/det|>`` finds, without its
+    quadratic backtracking on unterminated spans.
+    """
+    spans, pos = [], 0
+    while (i := raw.find(_REF, pos)) >= 0:
+        j = raw.find(_REF_END, i + len(_REF))
+        if j < 0:
+            break
+        k = raw.find(_DET_END, j + len(_REF_END))
+        if k < 0:
+            break
+        spans.append((i, k + len(_DET_END), raw[i + len(_REF) : j], raw[j + len(_REF_END) : k]))
+        pos = k + len(_DET_END)
+    return spans
+
+
 def parse_boxes(text: str) -> list[tuple[float, float, float, float]] | None:
     """``"[[1, 2, 3, 4], [5, 6, 7, 8]]"`` -> boxes; None for anything that is not exactly that shape."""
     text = text.strip()
@@ -45,7 +65,10 @@ def parse_boxes(text: str) -> list[tuple[float, float, float, float]] | None:
         m = _BOX.match(inner, pos)
         if not m:
             return None
-        boxes.append(tuple(float(v) for v in m.groups()))
+        box = tuple(float(v) for v in m.groups())
+        if not all(math.isfinite(v) for v in box):
+            return None
+        boxes.append(box)
         pos = m.end()
         if pos < len(inner):
             if inner[pos] != ",":
@@ -64,32 +87,34 @@ def to_pixels(box: tuple[float, float, float, float], width: int, height: int) -
 
 def parse_blocks(raw: str, width: int, height: int, page: int = 0) -> list[Block]:
     """Every well-formed span of ``raw`` with its boxes; malformed spans are skipped (kept as text)."""
-    matches = list(SPAN.finditer(raw))
+    spans = find_spans(raw)
     blocks = []
-    for i, m in enumerate(matches):
-        boxes = parse_boxes(m.group(3))
+    for i, (_, end, label, det) in enumerate(spans):
+        boxes = parse_boxes(det)
         if boxes is None:
             continue
-        end = matches[i + 1].start() if i + 1 < len(matches) else len(raw)
-        text = raw[m.end() : end].strip()
+        text = raw[end : spans[i + 1][0] if i + 1 < len(spans) else len(raw)].strip()
         for box in boxes:
-            blocks.append(Block(m.group(2), text, box, to_pixels(box, width, height), page))
+            blocks.append(Block(label, text, box, to_pixels(box, width, height), page))
     return blocks
 
 
-def clean_markdown(raw: str, image_prefix: str = "") -> str:
+def clean_markdown(raw: str, image_prefix: str = "", pdf_page: bool = False) -> str:
     """The official post-processing: figure spans become ``![](images/N.jpg)`` links, other spans go.
 
-    ``image_prefix`` names figures per page (``"3_"`` gives ``images/3_0.jpg``), as the PDF script does.
+    ``image_prefix`` names figures per page (``"3_"`` gives ``images/3_0.jpg``) and ``pdf_page`` also
+    collapses blank lines at each removed span, as the official PDF script does.
     """
     text = raw
     figures, others = [], []
-    for m in SPAN.finditer(raw):
-        (figures if "<|ref|>image<|/ref|>" in m.group(1) else others).append(m.group(1))
+    for start, end, label, _ in find_spans(raw):
+        (figures if label == "image" else others).append(raw[start:end])
     for i, span in enumerate(figures):
         text = text.replace(span, f"![](images/{image_prefix}{i}.jpg)\n")
     for span in others:
         text = text.replace(span, "").replace("\\coloneqq", ":=").replace("\\eqqcolon", "=:")
+        if pdf_page:
+            text = text.replace("\n\n\n\n", "\n\n").replace("\n\n\n", "\n\n")
     return text
 
 
@@ -112,6 +137,9 @@ def draw_blocks(image: Image.Image, blocks: list[Block]) -> Image.Image:
         x1, y1, x2, y2 = block.box_px
         if x2 < x1 or y2 < y1:
             continue
+        # Coordinates far outside the picture would overflow PIL's C ints; the visible result is the same.
+        x1, x2 = (min(max(v, -8), image.width + 8) for v in (x1, x2))
+        y1, y2 = (min(max(v, -8), image.height + 8) for v in (y1, y2))
         draw.rectangle([x1, y1, x2, y2], outline=colour, width=4 if block.label == "title" else 2)
         fill.rectangle([x1, y1, x2, y2], fill=colour + (20,))
         ty = max(0, y1 - 15)
@@ -129,9 +157,9 @@ def save_figures(image: Image.Image, blocks: list[Block], folder: Path, prefix: 
     figures = [b for b in blocks if b.label == "image"]
     for i, block in enumerate(figures):
         x1, y1, x2, y2 = block.box_px
-        x1, x2 = sorted((max(0, x1), min(image.width, x2)))
-        y1, y2 = sorted((max(0, y1), min(image.height, y2)))
-        if x2 - x1 < 1 or y2 - y1 < 1:
+        x1, x2 = max(0, x1), min(image.width, x2)
+        y1, y2 = max(0, y1), min(image.height, y2)
+        if x2 - x1 < 1 or y2 - y1 < 1:  # reversed, empty or wholly outside the picture
             continue
         path = folder / f"{prefix}{i}.jpg"
         image.convert("RGB").crop((x1, y1, x2, y2)).save(path)

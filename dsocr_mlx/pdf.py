@@ -57,8 +57,11 @@ def _open(path: Path):
         return pdfium.PdfDocument(str(path))
     except pdfium.PdfiumError as e:
         message = str(e)
-        if "password" in message.lower():
+        # pdfium may repeat an earlier failure's message, so look for encryption in the file itself.
+        if "password" in message.lower() and b"/Encrypt" in path.read_bytes():
             raise ValueError(f"{path} is encrypted: decrypt it first (for example qpdf --decrypt)") from None
+        if "success" in message.lower():
+            raise ValueError(f"{path} has no pages or a broken page tree") from None
         raise ValueError(f"{path} is not a readable PDF ({message})") from None
 
 

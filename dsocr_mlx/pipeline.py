@@ -371,9 +371,7 @@ class OCRModel:
         page, source = _page if _page else (None, None)
         original = pil[0] if pil else None
         blocks = [] if original is None else grounding.parse_blocks(raw, original.width, original.height, page or 0)
-        text = grounding.clean_markdown(raw, f"{page}_" if page is not None else "")
-        if page is not None and "\n\n\n" in text:
-            text = text.replace("\n\n\n\n", "\n\n").replace("\n\n\n", "\n\n")  # as the official PDF script
+        text = grounding.clean_markdown(raw, f"{page}_" if page is not None else "", pdf_page=page is not None)
         return OCRResult(
             token_ids=tokens, raw_text=raw, text=text, finish_reason=finish,
             prompt_tokens=len(inputs.input_ids), image_tokens=inputs.num_image_tokens, blocks=blocks,

@@ -59,7 +59,8 @@ def banned_ngram_tokens(tokens: list[int], ngram_size: int, window: int,
     current last ``n-1`` tokens bans its last token, unless whitelisted.
     """
     n = ngram_size
-    if n <= 0 or len(tokens) < n:
+    # n = 1 bans nothing upstream: its prefix slice input_ids[-0:] is the whole list, never a 0-tuple.
+    if n <= 1 or len(tokens) < n:
         return set()
     prefix = tokens[len(tokens) - (n - 1):] if n > 1 else []
     start = max(0, len(tokens) - window)
@@ -108,7 +109,7 @@ class LoopDetector:
             if not same[-1]:
                 continue
             mismatches = np.flatnonzero(~same)
-            run = len(same) - (mismatches[-1] + 1 if len(mismatches) else 0)
+            run = len(same) - (int(mismatches[-1]) + 1 if len(mismatches) else 0)
             span = run + period
             if span >= self.min_span and span >= self.min_repeats * period:
                 unit = tokens[n - period :]
