@@ -160,6 +160,48 @@ def models() -> None:
         typer.echo(f"{repo}\t{kind}\t{size / 1e9:.2f} GB\t{path}")
 
 
+@app.command()
+def serve(
+    model: Annotated[str | None, Opt(help="Model folder or Hugging Face repo id.")] = None,
+    backend: Annotated[str | None, Opt(help="mlx, torch or auto.")] = None,
+    dtype: Annotated[str | None, Opt(help="float16, bfloat16 or float32.")] = None,
+    host: Annotated[str | None, Opt(help="Address to bind (default 127.0.0.1: this machine only).")] = None,
+    port: Annotated[int | None, Opt(help="Port (default 8000).")] = None,
+    api_key: Annotated[str | None, Opt(envvar="DSOCR_API_KEY", help="Require Authorization: Bearer KEY.")] = None,
+    max_queue: Annotated[int | None, Opt(help="Requests waiting behind the running one (then 429).")] = None,
+    request_timeout: Annotated[float | None, Opt(help="Seconds a request may take in all.")] = None,
+    remote_images: Annotated[bool | None, Opt("--allow-remote-images/--no-remote-images",
+                                              help="Fetch http(s) image URLs (public addresses only).")] = None,
+    cors_origin: Annotated[list[str] | None, Opt(help="Allow browser calls from this origin (repeatable).")] = None,
+    model_switch: Annotated[bool | None, Opt("--allow-model-switch/--no-model-switch",
+                                             help="Let a request load another configured model.")] = None,
+    config: Annotated[Path | None, Opt(help="config.toml to use.")] = None,
+    verbose: Annotated[bool, Opt(help="Log details.")] = False,
+) -> None:
+    """Serve an OpenAI-compatible API (chat completions, responses, OCR upload) on this machine."""
+    from . import settings as cfg
+
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        conf = cfg.load_settings(config)
+    except ValueError as e:
+        raise _fail(str(e), 2) from None
+    conf["model"] = cfg.merge(conf["model"], path=model, backend=backend, dtype=dtype)
+    conf["server"] = cfg.merge(conf["server"], host=host, port=port, api_key=api_key, max_queue=max_queue,
+                               request_timeout=request_timeout, allow_remote_images=remote_images,
+                               cors_origins=cors_origin or None, allow_model_switch=model_switch)
+    s = conf["server"]
+    if s["host"] not in ("127.0.0.1", "localhost", "::1") and not s["api_key"]:
+        logging.getLogger("dsocr_server").warning("binding %s without an API key: anyone who can reach it can use it",
+                                                  s["host"])
+    try:
+        import uvicorn
+        from dsocr_server import create_app
+    except ImportError as e:
+        raise _fail(f"the server needs its extra ({e}): pip install 'dsocr-mlx[server]'") from None
+    uvicorn.run(create_app(conf), host=s["host"], port=s["port"], access_log=False, log_level="info")
+
+
 @app.command("make-test-model")
 def make_test_model(
     dst: Annotated[Path, typer.Argument(help="Folder to write.")],

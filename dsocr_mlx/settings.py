@@ -24,8 +24,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     },
     "server": {
         "host": "127.0.0.1", "port": 8000, "api_key": "", "max_queue": 16, "request_timeout": 600,
-        "max_body_mb": 50, "max_image_pixels": 100_000_000, "max_pdf_pages": 50, "max_tokens_cap": 8192,
-        "allow_remote_images": False, "cors_origins": [], "models": {}, "allow_model_switch": True,
+        "max_body_mb": 50, "max_image_pixels": 100_000_000, "max_pdf_pages": 50, "max_images": 1,
+        "max_tokens_cap": 8192, "allow_remote_images": False, "cors_origins": [], "models": {},
+        "allow_model_switch": True,
     },
 }
 
@@ -58,6 +59,7 @@ TEMPLATE = """# dsocr configuration (created with the defaults; edit and uncomme
 # max_body_mb = 50
 # max_image_pixels = 100000000
 # max_pdf_pages = 50
+# max_images = 1                      # images per request
 # max_tokens_cap = 8192
 # allow_remote_images = false
 # cors_origins = []

@@ -1,0 +1,152 @@
+"""Untrusted image input for the server: bounded decoding, ``data:`` URLs, and an SSRF-safe http(s) fetcher.
+
+Nothing here reads a local path: requests name images by content or by a public URL only.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import http.client
+import io
+import ipaddress
+import socket
+import ssl
+import time
+from collections.abc import Callable
+from urllib.parse import urljoin, urlsplit
+
+from PIL import Image, UnidentifiedImageError
+
+# Raster formats only: Pillow's other openers (EPS through Ghostscript, for one) are not for untrusted bytes.
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
+
+
+def decode_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Decode untrusted image bytes into an RGB image, refusing decompression bombs before decoding pixels.
+
+    Raises:
+        ValueError: the bytes are not a complete image in a supported format, or declare more than
+            ``max_pixels`` pixels (checked from the header, before any pixel is decoded).
+    """
+    from .processing import load_image
+
+    Image.init()  # registers every opener, so the formats named below are known
+    try:
+        img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)  # reads the header only
+    except Image.DecompressionBombError:
+        raise ValueError(f"the image declares more than {max_pixels} pixels") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        raise ValueError(f"the data is not an image in a supported format ({', '.join(IMAGE_FORMATS)})") from None
+    width, height = img.size
+    if width * height > max_pixels:
+        raise ValueError(f"the image declares {width}x{height} pixels, more than the limit of {max_pixels}")
+    try:
+        img.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ValueError(f"the image is truncated or corrupt ({e})") from None
+    return load_image(img)
+
+
+def decode_data_url(url: str) -> tuple[str, bytes]:
+    """``data:image/png;base64,...`` -> ``("image/png", bytes)``; only base64 data URLs are accepted."""
+    head, sep, payload = url.partition(",")
+    if not sep or not head.startswith("data:") or not head.endswith(";base64"):
+        raise ValueError("a data URL must look like data:<type>;base64,<data>")
+    try:
+        return head[5:-7], base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("the data URL is not valid base64") from None
+
+
+def resolve_host(host: str, port: int) -> list[str]:
+    """Every address ``host`` resolves to (IP literals resolve to themselves, with no DNS query)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError):
+        raise ValueError(f"cannot resolve {host!r}") from None
+    return [info[4][0] for info in infos]
+
+
+def is_public_address(address: str) -> bool:
+    """False for loopback, private, link-local, shared, multicast, reserved and unspecified addresses."""
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_global and not ip.is_multicast
+
+
+class _PinnedHTTPConnection(http.client.HTTPConnection):
+    """Connects to an address checked beforehand, so a second DNS answer cannot redirect it (DNS rebinding)."""
+
+    def __init__(self, host: str, port: int, address: str, timeout: float):
+        super().__init__(host, port, timeout=timeout)
+        self.address = address
+
+    def connect(self) -> None:
+        self.sock = socket.create_connection((self.address, self.port), self.timeout)
+
+
+class _PinnedHTTPSConnection(http.client.HTTPSConnection):
+    def __init__(self, host: str, port: int, address: str, timeout: float):
+        super().__init__(host, port, timeout=timeout, context=ssl.create_default_context())
+        self.address = address
+
+    def connect(self) -> None:
+        sock = socket.create_connection((self.address, self.port), self.timeout)
+        self.sock = self._context.wrap_socket(sock, server_hostname=self.host)  # certificate checked for the name
+
+
+def fetch_url(url: str, *, max_bytes: int, timeout: float = 10.0, max_redirects: int = 3,
+              resolve: Callable[[str, int], list[str]] | None = None,
+              allowed: Callable[[str], bool] | None = None) -> bytes:
+    """GET a public http(s) URL with size and time limits, checking every hop against SSRF.
+
+    Each hop's host is resolved once (``resolve``, by default :func:`resolve_host`); every address must
+    pass ``allowed`` (by default :func:`is_public_address`), and the connection goes to that checked
+    address. Redirects are followed up to ``max_redirects``, each re-checked the same way.
+
+    Raises:
+        ValueError: a refused scheme or address, a bad status, too many redirects, a body over
+            ``max_bytes`` or a fetch slower than ``timeout`` seconds in all.
+    """
+    resolve, allowed = resolve or resolve_host, allowed or is_public_address  # looked up now, so tests can patch
+    deadline = time.monotonic() + timeout
+    for _ in range(max_redirects + 1):
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("image URLs must be data:, http: or https: URLs")
+        try:
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+        except ValueError:
+            raise ValueError("the image URL has an invalid port") from None
+        addresses = resolve(parts.hostname, port)
+        if not addresses or not all(allowed(a) for a in addresses):
+            raise ValueError(f"the image URL's host {parts.hostname!r} resolves to a private or local address")
+        cls = _PinnedHTTPSConnection if parts.scheme == "https" else _PinnedHTTPConnection
+        conn = cls(parts.hostname, port, addresses[0], timeout=max(0.1, deadline - time.monotonic()))
+        try:
+            path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+            conn.request("GET", path, headers={"User-Agent": "dsocr-mlx", "Accept": "image/*"})
+            response = conn.getresponse()
+            if response.status in (301, 302, 303, 307, 308) and response.getheader("Location"):
+                url = urljoin(url, response.getheader("Location"))
+                continue
+            if response.status != 200:
+                raise ValueError(f"fetching the image URL gave HTTP {response.status}")
+            declared = response.getheader("Content-Length")
+            if declared and declared.isdigit() and int(declared) > max_bytes:
+                raise ValueError(f"the image at the URL is larger than {max_bytes} bytes")
+            body = bytearray()
+            while chunk := response.read(65536):
+                body += chunk
+                if len(body) > max_bytes:
+                    raise ValueError(f"the image at the URL is larger than {max_bytes} bytes")
+                if time.monotonic() > deadline:
+                    raise ValueError(f"fetching the image URL took longer than {timeout:g}s")
+            return bytes(body)
+        except (OSError, http.client.HTTPException) as e:
+            raise ValueError(f"cannot fetch the image URL ({type(e).__name__})") from None
+        finally:
+            conn.close()
+    raise ValueError(f"the image URL redirects more than {max_redirects} times")
