@@ -202,6 +202,37 @@ def serve(
     uvicorn.run(create_app(conf), host=s["host"], port=s["port"], access_log=False, log_level="info")
 
 
+@app.command()
+def bench(
+    model: Annotated[str | None, Opt(help="Model folder or repo id (default: a full-size random checkpoint).")] = None,
+    backend: Annotated[str, Opt(help="mlx, torch or auto.")] = "mlx",
+    dtype: Annotated[str, Opt(help="float16, bfloat16 or float32.")] = "float32",
+    mode: Annotated[str, Opt(help="tiny, small, base, large or gundam.")] = "gundam",
+    tokens: Annotated[int, Opt(help="Tokens generated per trial (EOS ignored).")] = 64,
+    trials: Annotated[int, Opt(help="Timed trials after one warm-up.")] = 3,
+    out: Annotated[Path | None, Opt(help="Write bench.json, bench.md and bench.png here.")] = None,
+) -> None:
+    """Time every stage of the pipeline: load, preprocessing, vision, prefill, first token, decode, memory."""
+    from .bench import markdown_table, run_benchmark, save_outputs
+
+    if model is None:
+        from .random_checkpoint import default_bench_checkpoint
+
+        model = str(default_bench_checkpoint())
+    try:
+        result = run_benchmark(model, backend=backend, dtype=dtype, mode=mode, tokens=tokens, trials=trials)
+    except (FileNotFoundError, ValueError, ImportError) as e:
+        raise _fail(str(e)) from None
+    env, s = result["environment"], result["settings"]
+    typer.echo(f"{env['machine']}; {', '.join(f'{k} {v}' for k, v in env['versions'].items())}")
+    typer.echo(f"model {s['model']}, mode {s['mode']}, {s['tokens']} tokens, {s['trials']} trials, "
+               f"prompt {result['median']['prompt_tokens']} tokens ({result['median']['image_tokens']} image)")
+    typer.echo(markdown_table([result]))
+    if out is not None:
+        for path in save_outputs([result], out):
+            typer.echo(f"wrote {path}")
+
+
 @app.command("make-test-model")
 def make_test_model(
     dst: Annotated[Path, typer.Argument(help="Folder to write.")],

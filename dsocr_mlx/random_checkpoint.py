@@ -155,3 +155,13 @@ def write_random_checkpoint(out: str | Path, args: ModelArgs, seed: int = 0,
     for fname, data in tokenizer.items():
         (out / fname).write_bytes(data)
     return out
+
+
+def default_bench_checkpoint() -> Path:
+    """A full-size random checkpoint in the user cache (written once, 6.7 GB), for benchmarks anywhere."""
+    import os
+
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dsocr" / "random-full-seed0"
+    if not (base / "config.json").is_file():
+        write_random_checkpoint(base, full_args(), seed=0, overwrite=True)
+    return base

@@ -1,0 +1,171 @@
+"""Per-stage timings of the public pipeline, for ``dsocr bench`` and ``benchmarks/``.
+
+Stages: load, preprocessing, vision (global view and per tile), prefill, time to first token, decode
+(a fixed number of tokens, EOS ignored), post-processing, peak memory. Results are plain dicts so the
+same numbers go to a Markdown table, JSON and a PNG chart.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from . import __version__, grounding
+from .pipeline import OCRModel, build_prompt
+
+STAGES = ("preprocess_s", "vision_global_s", "vision_per_tile_s", "prefill_tps", "ttft_s", "decode_tps",
+          "postprocess_s")
+
+
+def page_image(width: int = 1300, height: int = 1000, seed: int = 0) -> Image.Image:
+    """A deterministic page-like image (tiled in gundam mode)."""
+    rng = np.random.default_rng(seed)
+    img = np.full((height, width, 3), 240, np.uint8)
+    for _ in range(width * height // 6500):
+        y, x = rng.integers(0, height - 20), rng.integers(0, width - 100)
+        img[y : y + 14, x : x + rng.integers(30, 100)] = rng.integers(0, 60)
+    return Image.fromarray(img)
+
+
+def peak_memory_gb(model: OCRModel) -> float:
+    """Peak memory of the process: MLX's allocator peak where it tracks it (Metal), else resident set."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024**2 if sys.platform != "darwin" else 1024**3)
+    if model.backend == "mlx":
+        import mlx.core as mx
+
+        if mx.metal.is_available():
+            return mx.get_peak_memory() / 1e9
+    if model.backend == "torch" and getattr(model.runtime, "device", "cpu") == "cuda":
+        import torch
+
+        return torch.cuda.max_memory_allocated() / 1e9
+    return rss * 1.073741824  # GiB -> GB
+
+
+def time_once(model: OCRModel, image: Image.Image, mode: str, tokens: int, task: str = "free") -> dict[str, float]:
+    """One run of every stage."""
+    runtime = model.runtime
+    t0 = time.perf_counter()
+    inputs = model.prepare(image, build_prompt(task=task), mode)
+    t1 = time.perf_counter()
+    global_only = replace(inputs, crop_pixels=inputs.crop_pixels[:0],
+                          images_spatial_crop=np.ones_like(inputs.images_spatial_crop))
+    runtime.to_numpy(runtime.image_embeddings(global_only))
+    t2 = time.perf_counter()
+    embeddings = runtime.image_embeddings(inputs)
+    runtime.to_numpy(embeddings)
+    t3 = time.perf_counter()
+    n_tiles = inputs.crop_pixels.shape[0]
+    runtime.prefill_logits(inputs, embeddings)
+    t4 = time.perf_counter()
+    ids, start, first = [], time.perf_counter(), None
+    for token in runtime.generate(inputs, embeddings, tokens):
+        ids.append(token)
+        first = first or time.perf_counter()
+    end = time.perf_counter()
+    raw = model.tokenizer.decode(ids)
+    grounding.parse_blocks(raw, image.width, image.height)
+    grounding.clean_markdown(raw)
+    t5 = time.perf_counter()
+    return {
+        "preprocess_s": t1 - t0,
+        "vision_global_s": t2 - t1,
+        "vision_per_tile_s": max(t3 - t2 - (t2 - t1), 0.0) / n_tiles if n_tiles else 0.0,
+        "vision_s": t3 - t2,
+        "prefill_tps": len(inputs.input_ids) / (t4 - t3),
+        "ttft_s": first - start,
+        "decode_tps": (len(ids) - 1) / (end - first) if len(ids) > 1 else 0.0,
+        "postprocess_s": t5 - end,
+        "prompt_tokens": len(inputs.input_ids),
+        "image_tokens": inputs.num_image_tokens,
+        "tiles": n_tiles,
+    }
+
+
+def environment(model: OCRModel) -> dict[str, Any]:
+    versions = {"python": sys.version.split()[0], "dsocr-mlx": __version__, "numpy": np.__version__}
+    from importlib.metadata import PackageNotFoundError, version
+
+    for name in ("mlx", "torch"):
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return {"machine": f"{platform.system()} {platform.machine()} {platform.processor() or ''}".strip(),
+            "versions": versions, "backend": model.backend, "dtype": model.dtype}
+
+
+def run_benchmark(model_path: str, backend: str = "mlx", dtype: str | None = None, mode: str = "gundam",
+                  tokens: int = 64, trials: int = 3, image: Image.Image | None = None) -> dict[str, Any]:
+    """Load, warm up once, then time ``trials`` runs; returns settings, environment, per-trial and median stages."""
+    import dsocr_mlx
+
+    t = time.perf_counter()
+    model = dsocr_mlx.load(model_path, backend=backend, dtype=dtype)
+    load_s = time.perf_counter() - t
+    image = image or page_image()
+    time_once(model, image, mode, min(tokens, 4))  # warm-up: kernels, allocator, caches
+    runs = [time_once(model, image, mode, tokens) for _ in range(trials)]
+    median = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    weights_gb = sum(f.stat().st_size for f in Path(model.path).glob("*.safetensors")) / 1e9
+    return {
+        "settings": {"model": str(model_path), "mode": mode, "tokens": tokens, "trials": trials,
+                     "image": list(image.size)},
+        "environment": environment(model), "load_s": load_s, "peak_memory_gb": peak_memory_gb(model),
+        "checkpoint_gb": weights_gb, "median": median, "trials": runs,
+    }
+
+
+def markdown_table(results: list[dict[str, Any]]) -> str:
+    """One column per result (e.g. per backend or peer), one row per stage."""
+    head = "| stage | " + " | ".join(f"{r['environment']['backend']} {r['environment']['dtype']}"
+                                     for r in results) + " |"
+    lines = [head, "|" + " --- |" * (len(results) + 1)]
+    rows = [("load (s)", lambda r: r["load_s"]), ("peak memory (GB)", lambda r: r["peak_memory_gb"])]
+    rows += [(k.replace("_s", " (s)").replace("_tps", " (tok/s)"), lambda r, k=k: r["median"][k]) for k in STAGES]
+    for label, get in rows:
+        lines.append(f"| {label} | " + " | ".join(f"{get(r):.3f}" for r in results) + " |")
+    return "\n".join(lines)
+
+
+def save_outputs(results: list[dict[str, Any]], out: Path) -> list[Path]:
+    """``bench.json``, ``bench.md`` and ``bench.png`` (stage bars per result) in ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(results, indent=1))
+    (out / "bench.md").write_text(markdown_table(results) + "\n")
+    chart = out / "bench.png"
+    bar_chart(results).save(chart)
+    return [out / "bench.json", out / "bench.md", chart]
+
+
+def bar_chart(results: list[dict[str, Any]]) -> Image.Image:
+    """A small grouped bar chart of the speed stages (higher is better for tok/s; lower for seconds)."""
+    stages = ["vision_s", "ttft_s", "prefill_tps", "decode_tps"]
+    width, height, margin = 900, 120 + 110 * len(stages), 200
+    img = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(img)
+    font = ImageFont.load_default()
+    colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40)]
+    draw.text((10, 10), "dsocr bench: " + ", ".join(
+        f"{r['environment']['backend']} {r['environment']['dtype']}" for r in results), fill="black", font=font)
+    for s, stage in enumerate(stages):
+        y = 60 + 110 * s
+        draw.text((10, y + 30), stage, fill="black", font=font)
+        top = max(r["median"][stage] for r in results) or 1.0
+        for i, r in enumerate(results):
+            value = r["median"][stage]
+            length = int((width - margin - 80) * value / top)
+            yy = y + i * (80 // max(len(results), 1))
+            draw.rectangle([margin, yy, margin + length, yy + 14], fill=colours[i % len(colours)])
+            draw.text((margin + length + 5, yy), f"{value:.2f}", fill="black", font=font)
+    return img
