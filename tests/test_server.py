@@ -86,9 +86,9 @@ class SlowModel:
 
 
 @contextlib.contextmanager
-def running_server(ckpt: Path, extra_models: dict | None = None, loader=None, **server):
+def running_server(ckpt: Path, extra_models: dict | None = None, loader=None, backend: str = "mlx", **server):
     settings = {section: dict(values) for section, values in DEFAULTS.items()}
-    settings["model"].update(path=str(ckpt), dtype="float32")
+    settings["model"].update(path=str(ckpt), dtype="float32", backend=backend)
     settings["ocr"].update(mode="tiny", max_new_tokens=TOKENS)
     settings["server"].update({"api_key": KEY, "max_body_mb": 1, "max_tokens_cap": 64, "models": extra_models or {},
                                **server})
@@ -204,6 +204,21 @@ def test_chat_matches_the_library(client, tiny_model, caplog):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == TOKENS
     lines = [r.getMessage() for r in caplog.records if r.name == "dsocr_server.access"]
     assert any('"POST /v1/chat/completions" 200' in line and f"tokens={TOKENS}" in line for line in lines), lines
+
+
+def test_the_torch_backend_serves_the_same_api(tiny_ckpt):
+    pytest.importorskip("torch")
+    import dsocr_mlx
+
+    data = png(5)
+    want = expected(dsocr_mlx.load(str(tiny_ckpt), backend="torch", dtype="float32"), data)
+    with running_server(tiny_ckpt, backend="torch") as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+        r = client.chat.completions.create(model="tiny", messages=image_message(data), max_tokens=TOKENS)
+        assert r.choices[0].message.content == want.text and r.usage.completion_tokens == TOKENS
+        stream = client.chat.completions.create(model="tiny", messages=image_message(data), max_tokens=TOKENS,
+                                                stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == want.text
 
 
 def test_chat_stream_wire_format_and_extensions(base, client, tiny_model):
