@@ -120,6 +120,8 @@ def test_golden_case(golden_model, golden_dir, cases, case_id):
 @pytest.mark.parametrize("case_id", ["p01", "p04", "p05"])
 def test_golden_vision_towers(golden_model, golden_dir, cases, case_id):
     """SAM and CLIP outputs of the global view, to localise a vision failure."""
+    if golden_model.backend == "torch":
+        pytest.skip("the torch towers are held to the golden image embeddings in test_golden_case")
     case = cases[case_id]
     npz = np.load(golden_dir / "cases" / f"{case_id}.npz")
     inputs = golden_model.prepare(golden_dir / case["image"], case["prompt"], mode=case["mode"])
