@@ -6,6 +6,9 @@ Each is imported lazily, so ``import dsocr_mlx`` pulls in neither mlx nor torch.
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import platform
+import sys
 from typing import Any
 
 BACKENDS = {
@@ -15,8 +18,28 @@ BACKENDS = {
 DTYPES = ("float32", "float16", "bfloat16")
 
 
+def _openblas_loaded() -> bool:
+    try:
+        with open("/proc/self/maps") as maps:
+            return "libopenblas" in maps.read()
+    except OSError:
+        return False
+
+
 def default_backend() -> str:
-    """What ``auto`` means on this host."""
+    """What ``auto`` means on this host.
+
+    MLX on Apple Silicon; PyTorch on CUDA hosts. On other hosts (CPU only) MLX when OpenBLAS is loaded,
+    since its CPU backend then runs float32 matmul about 18x faster than with its reference BLAS and
+    measured faster than PyTorch's CPU kernels on these models; otherwise PyTorch when installed.
+    """
+    if sys.platform == "darwin" and platform.machine() == "arm64":
+        return "mlx"
+    if importlib.util.find_spec("torch") is not None:
+        import torch
+
+        if torch.cuda.is_available() or not _openblas_loaded():
+            return "torch"
     return "mlx"
 
 
