@@ -168,7 +168,8 @@ class OCRModel:
         module = get_backend(backend)
         folder = resolve_model_path(path_or_repo_id)
         args = ModelArgs.from_file(folder / "config.json")
-        dtype = dtype or args.converted_dtype or "float16"
+        preferred = getattr(module, "default_dtype", lambda _: None)(args)
+        dtype = dtype or preferred or args.converted_dtype or "float16"
         tokenizer = Tokenizer.from_folder(folder, args.text.bos_token_id, args.text.eos_token_id)
         start = time.perf_counter()
         runtime = module.Runtime.load(folder, args, dtype)
