@@ -68,6 +68,7 @@ class ItemOutcome:
     results: list[OCRResult] = field(default_factory=list)
     error: str | None = None
     folder: Path | None = None
+    exception: BaseException | None = None  # for --verbose tracebacks
 
 
 def run_items(model: OCRModel, items: list[Item], out: Path | None, overwrite: bool, pages: str | None, dpi: int,
@@ -108,7 +109,7 @@ def run_items(model: OCRModel, items: list[Item], out: Path | None, overwrite: b
                 if outcome.folder is not None:
                     result.save(outcome.folder, overwrite=True)
         except (ValueError, FileNotFoundError, OSError) as e:
-            outcome.error = str(e)
+            outcome.error, outcome.exception = str(e), e
         yield outcome
 
 

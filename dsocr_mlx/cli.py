@@ -108,6 +108,10 @@ def ocr(
                                            on_delta):
                 if outcome.error:
                     failures.append(outcome.item.name)
+                    if verbose and outcome.exception is not None:
+                        import traceback
+
+                        typer.echo("".join(traceback.format_exception(outcome.exception)).rstrip(), err=True)
                     typer.echo(f"dsocr: {outcome.item.name}: {outcome.error}", err=True)
                     continue
                 done += 1

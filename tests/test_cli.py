@@ -102,6 +102,8 @@ def test_many_inputs_with_a_bad_one_in_the_middle(env, page, tmp_path):
     again = invoke("ocr", str(page), *BASE, "--out", str(out))
     assert again.exit_code == 1 and "--overwrite" in again.stderr
     assert invoke("ocr", str(page), *BASE, "--out", str(out), "--overwrite").exit_code == 0
+    verbose = invoke("ocr", str(bad), *BASE, "--verbose")
+    assert verbose.exit_code == 1 and "Traceback" in verbose.stderr and "not a readable image" in verbose.stderr
     needs_out = invoke("ocr", str(page), str(other), *BASE)
     assert needs_out.exit_code == 2 and "--out" in needs_out.stderr
 
