@@ -51,11 +51,6 @@ def build_prompt(prompt: str | None = None, task: str | None = None, ref: str | 
     return TASKS[task]
 
 
-def clean_markdown(raw: str) -> str:
-    """The official post-processing of one image's output (see :func:`grounding.clean_markdown`)."""
-    return grounding.clean_markdown(raw)
-
-
 @dataclass
 class GenerationResponse:
     """One step of :meth:`OCRModel.stream_ocr`: a text delta and where generation stands."""

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 import dsocr_mlx
 from dsocr_mlx.cli import app
-from dsocr_mlx.pipeline import clean_markdown
+from dsocr_mlx.grounding import clean_markdown
 
 
 def test_import_pulls_in_neither_mlx_nor_torch():
