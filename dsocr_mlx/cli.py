@@ -215,9 +215,10 @@ def bench(
     tokens: Annotated[int, Opt(help="Tokens generated per trial (EOS ignored).")] = 64,
     trials: Annotated[int, Opt(help="Timed trials after one warm-up.")] = 3,
     out: Annotated[Path | None, Opt(help="Write bench.json, bench.md and bench.png here.")] = None,
+    pdf_pages: Annotated[int, Opt(help="Also OCR a PDF of this many pages end to end and report pages/minute.")] = 0,
 ) -> None:
     """Time every stage of the pipeline: load, preprocessing, vision, prefill, first token, decode, memory."""
-    from .bench import markdown_table, run_benchmark, save_outputs
+    from .bench import markdown_table, run_benchmark, run_pdf_benchmark, save_outputs
 
     if model is None:
         from .random_checkpoint import default_bench_checkpoint
@@ -235,6 +236,15 @@ def bench(
     if out is not None:
         for path in save_outputs([result], out):
             typer.echo(f"wrote {path}")
+    if pdf_pages > 0:
+        pdf = run_pdf_benchmark(model, backend=backend, dtype=dtype, mode=mode, pages=pdf_pages, tokens=tokens)
+        typer.echo(f"PDF, {pdf_pages} pages, up to {tokens} tokens each: {pdf['pages_per_minute']:.2f} pages/minute "
+                   f"({pdf['seconds']:.1f} s, {pdf['generated_tokens']} tokens, peak {pdf['peak_memory_gb']:.2f} GB)")
+        if out is not None:
+            import json
+
+            (out / "bench_pdf.json").write_text(json.dumps(pdf, indent=1))
+            typer.echo(f"wrote {out / 'bench_pdf.json'}")
 
 
 @app.command("make-test-model")

@@ -112,6 +112,16 @@ def tokenizer_files() -> dict[str, bytes]:
     return {"tokenizer.json": tokenizer, "tokenizer_config.json": config}
 
 
+# The values of the real repo's processor_config.json: loaders of other ports (mlx-vlm, transformers'
+# AutoProcessor) read it, so a random checkpoint carries it too.
+PROCESSOR_CONFIG = {
+    "add_special_token": False, "candidate_resolutions": [[1024, 1024]], "downsample_ratio": 4, "ignore_id": -100,
+    "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "image_token": "<image>", "mask_prompt": False,
+    "normalize": True, "pad_token": "<\uff5c\u2581pad\u2581\uff5c>", "patch_size": 16,
+    "processor_class": "DeepseekVLV2Processor", "sft_format": "deepseek",
+}
+
+
 def write_random_checkpoint(out: str | Path, args: ModelArgs, seed: int = 0,
                             max_shard_bytes: int = 5 * 1024**3, overwrite: bool = False) -> Path:
     """Write a random checkpoint in the original HF layout for ``args`` into ``out``.
@@ -152,6 +162,7 @@ def write_random_checkpoint(out: str | Path, args: ModelArgs, seed: int = 0,
         (out / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
     (out / "config.json").write_text(json.dumps(args.to_hf_dict(), indent=1))
+    (out / "processor_config.json").write_text(json.dumps(PROCESSOR_CONFIG, indent=2))
     for fname, data in tokenizer.items():
         (out / fname).write_bytes(data)
     return out

@@ -29,3 +29,10 @@ def test_tiny_preset_is_small_but_complete():
     assert any(".mlp.experts.7." in k for k in shapes) and "model.layers.0.mlp.gate_proj.weight" in shapes
     assert shapes["model.sam_model.blocks.1.attn.rel_pos_h"][0] == 127  # global block: 2 * 64 - 1
     assert shapes["model.sam_model.blocks.0.attn.rel_pos_h"][0] == 27
+
+
+def test_checkpoint_carries_the_real_processor_config(tiny_ckpt, golden_dir):
+    import json
+
+    real = json.loads((golden_dir.parent / "reference" / "processor_config.json").read_text())
+    assert json.loads((tiny_ckpt / "processor_config.json").read_text()) == real
