@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
 
 from ...config import ModelArgs
 from ...processing import ProcessedInputs
@@ -18,6 +18,30 @@ from .model import Model
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 CONVERTED_FORMAT = "dsocr-mlx/1"  # folders written by `dsocr convert`: MLX layout, float or quantized
+
+
+SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "I64": torch.int64,
+                      "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_safetensors(path: Path, dtype: torch.dtype, device: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """Each tensor of ``path`` in ``dtype`` on ``device``, read with plain file reads one tensor at a time.
+
+    Memory-mapping the file instead would keep every page read resident until the file closes: up to a
+    whole 5 GB shard on top of the converted weights.
+    """
+    with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_len))
+        header.pop("__metadata__", None)
+        for name, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
+            start, end = info["data_offsets"]
+            f.seek(8 + header_len + start)
+            raw = bytearray(end - start)
+            if f.readinto(raw) != len(raw):
+                raise ValueError(f"{path} is truncated at tensor {name}; re-download it")
+            tensor = torch.frombuffer(raw, dtype=SAFETENSORS_DTYPES[info["dtype"]]) if raw else torch.empty(0)
+            yield name, tensor.reshape(info["shape"]).to(device=device, dtype=dtype)
 
 
 def default_device() -> str:
@@ -47,9 +71,7 @@ def load_model(folder: str | Path, args: ModelArgs, dtype: str = "float32", devi
     target = DTYPES[dtype]
     weights: dict[str, torch.Tensor] = {}
     for f in files:
-        with safe_open(str(f), framework="pt", device=str(device)) as handle:
-            for key in handle.keys():
-                weights[key] = handle.get_tensor(key).to(target)
+        weights.update(read_safetensors(f, target, str(device)))
     weights = Model.sanitize(weights, channels_last_convs=converted)
     with torch.device("meta"):
         model = Model(args)
