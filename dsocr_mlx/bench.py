@@ -169,11 +169,19 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def describe(result: dict[str, Any]) -> str:
+    """Machine, library versions and settings of one :func:`run_benchmark` result, in two lines."""
+    env, s, median = result["environment"], result["settings"], result["median"]
+    return (f"{env['machine']}; {', '.join(f'{k} {v}' for k, v in env['versions'].items())}\n"
+            f"model {s['model']}, {env['backend']} {env['dtype']}, mode {s['mode']}, {s['tokens']} tokens, "
+            f"{s['trials']} trials, prompt {median['prompt_tokens']} tokens ({median['image_tokens']} image)")
+
+
 def save_outputs(results: list[dict[str, Any]], out: Path) -> list[Path]:
     """``bench.json``, ``bench.md`` and ``bench.png`` (stage bars per result) in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(results, indent=1))
-    (out / "bench.md").write_text(markdown_table(results) + "\n")
+    (out / "bench.md").write_text("\n".join(describe(r) for r in results) + "\n\n" + markdown_table(results) + "\n")
     chart = out / "bench.png"
     bar_chart(results).save(chart)
     return [out / "bench.json", out / "bench.md", chart]

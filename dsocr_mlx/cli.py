@@ -218,7 +218,7 @@ def bench(
     pdf_pages: Annotated[int, Opt(help="Also OCR a PDF of this many pages end to end and report pages/minute.")] = 0,
 ) -> None:
     """Time every stage of the pipeline: load, preprocessing, vision, prefill, first token, decode, memory."""
-    from .bench import markdown_table, run_benchmark, run_pdf_benchmark, save_outputs
+    from .bench import describe, markdown_table, run_benchmark, run_pdf_benchmark, save_outputs
 
     if model is None:
         from .random_checkpoint import default_bench_checkpoint
@@ -228,10 +228,7 @@ def bench(
         result = run_benchmark(model, backend=backend, dtype=dtype, mode=mode, tokens=tokens, trials=trials)
     except (FileNotFoundError, ValueError, ImportError) as e:
         raise _fail(str(e)) from None
-    env, s = result["environment"], result["settings"]
-    typer.echo(f"{env['machine']}; {', '.join(f'{k} {v}' for k, v in env['versions'].items())}")
-    typer.echo(f"model {s['model']}, mode {s['mode']}, {s['tokens']} tokens, {s['trials']} trials, "
-               f"prompt {result['median']['prompt_tokens']} tokens ({result['median']['image_tokens']} image)")
+    typer.echo(describe(result))
     typer.echo(markdown_table([result]))
     if out is not None:
         for path in save_outputs([result], out):

@@ -12,7 +12,7 @@ import torch
 from ...config import ModelArgs
 from ...processing import ProcessedInputs
 from ...sampling import SamplingParams
-from ...weights import check_checkpoint, checkpoint_shapes, safetensors_shapes, weight_files
+from ...weights import CONV_WEIGHTS, check_checkpoint, checkpoint_shapes, safetensors_shapes, weight_files
 from .generate import generate_step, make_logits_processors, make_sampler, prefill
 from .model import Model
 
@@ -24,24 +24,28 @@ SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch
                       "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool}
 
 
-def read_safetensors(path: Path, dtype: torch.dtype, device: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """Each tensor of ``path`` in ``dtype`` on ``device``, read with plain file reads one tensor at a time.
+def read_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Each tensor of ``path`` as a CPU view of one reused scratch buffer: consume it before the next.
 
-    Memory-mapping the file instead would keep every page read resident until the file closes: up to a
-    whole 5 GB shard on top of the converted weights.
+    Plain file reads into one buffer as large as the largest tensor: memory-mapping would keep every page
+    read resident until the file closes (up to a whole 5 GB shard), and a buffer per tensor fragments
+    the heap.
     """
     with open(path, "rb") as f:
         header_len = int.from_bytes(f.read(8), "little")
         header = json.loads(f.read(header_len))
         header.pop("__metadata__", None)
-        for name, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
+        entries = sorted(header.items(), key=lambda item: item[1]["data_offsets"][0])
+        scratch = memoryview(bytearray(max((e - s for s, e in (i["data_offsets"] for _, i in entries)), default=0)))
+        for name, info in entries:
             start, end = info["data_offsets"]
             f.seek(8 + header_len + start)
-            raw = bytearray(end - start)
+            raw = scratch[: end - start]
             if f.readinto(raw) != len(raw):
                 raise ValueError(f"{path} is truncated at tensor {name}; re-download it")
-            tensor = torch.frombuffer(raw, dtype=SAFETENSORS_DTYPES[info["dtype"]]) if raw else torch.empty(0)
-            yield name, tensor.reshape(info["shape"]).to(device=device, dtype=dtype)
+            source = SAFETENSORS_DTYPES[info["dtype"]]
+            tensor = torch.frombuffer(raw, dtype=source) if len(raw) else torch.empty(0, dtype=source)
+            yield name, tensor.reshape(info["shape"])
 
 
 def default_device() -> str:
@@ -49,9 +53,10 @@ def default_device() -> str:
 
 
 def load_model(folder: str | Path, args: ModelArgs, dtype: str = "float32", device: str | None = None) -> Model:
-    """Build the model on the meta device and fill it strictly, each tensor read onto ``device`` in ``dtype``.
+    """Build the model on the meta device and fill it strictly, each tensor copied onto ``device`` in ``dtype``.
 
-    Nothing is materialised twice: no float32 copy on the CPU before moving to the GPU.
+    Nothing is materialised twice: no float32 copy on the CPU before moving to the GPU, and no per-expert
+    tensors beside the stacked ones (peak memory is the weights plus the largest single tensor).
     """
     device = device or default_device()
     files = weight_files(folder)
@@ -68,16 +73,22 @@ def load_model(folder: str | Path, args: ModelArgs, dtype: str = "float32", devi
                          "or the original deepseek-ai/DeepSeek-OCR checkpoint")
     if not converted:
         check_checkpoint(names, checkpoint_shapes(args), source)
-    target = DTYPES[dtype]
-    weights: dict[str, torch.Tensor] = {}
-    for f in files:
-        weights.update(read_safetensors(f, target, str(device)))
-    weights = Model.sanitize(weights, channels_last_convs=converted)
+    # The layout check runs on meta tensors; then every parameter is allocated once, in its dtype on its
+    # device, and each checkpoint tensor is copied into its place (an expert into its row of the stack).
+    layout = Model.sanitize({k: torch.empty(v, device="meta") for k, v in names.items()}, converted)
     with torch.device("meta"):
-        model = Model(args)
+        model = Model(args).to(DTYPES[dtype])
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    check_checkpoint({k: tuple(v.shape) for k, v in weights.items()}, expected, source)
-    model.load_state_dict(weights, strict=True, assign=True)
+    check_checkpoint({k: tuple(v.shape) for k, v in layout.items()}, expected, source)
+    model = model.to_empty(device=device)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for f in files:
+            for key, tensor in read_safetensors(f):
+                name, expert = Model.destination(key)
+                if converted and key in CONV_WEIGHTS:
+                    tensor = tensor.permute(0, 3, 1, 2)
+                (params[name] if expert is None else params[name][expert]).copy_(tensor)
     return model.eval()
 
 

@@ -114,11 +114,20 @@ class Model(nn.Module):
         return self.model.layers
 
     @staticmethod
+    def destination(key: str) -> tuple[str, int | None]:
+        """Where checkpoint tensor ``key`` goes: a parameter name, and the expert's row of a stacked one."""
+        m = EXPERT_KEY.match(key)
+        return (f"{m.group(1)}.{m.group(3)}.weight", int(m.group(2))) if m else (key, None)
+
+    @staticmethod
     def sanitize(weights: dict[str, torch.Tensor], channels_last_convs: bool = False) -> dict[str, torch.Tensor]:
         """Checkpoint -> this layout: routed experts stacked per projection; convs back to (out, in, kh, kw)
-        when they come from an MLX folder (``channels_last_convs``)."""
+        when they come from an MLX folder (``channels_last_convs``). Empties ``weights``."""
         out, experts = {}, {}
-        for key, value in weights.items():
+        # The input dict is consumed so that each expert's tensor is freed once stacked: the weights are
+        # never held twice.
+        for key in list(weights):
+            value = weights.pop(key)
             m = EXPERT_KEY.match(key)
             if m:
                 experts.setdefault((m.group(1), m.group(3)), {})[int(m.group(2))] = value
@@ -126,9 +135,10 @@ class Model(nn.Module):
                 out[key] = value.permute(0, 3, 1, 2)
             else:
                 out[key] = value
-        for (prefix, proj), by_index in experts.items():
+        for prefix, proj in list(experts):
+            by_index = experts.pop((prefix, proj))
             missing = sorted(set(range(max(by_index) + 1)) - set(by_index))
             if missing:
                 raise ValueError(f"{prefix}.{missing[0]}.{proj}.weight is missing from the checkpoint")
-            out[f"{prefix}.{proj}.weight"] = torch.stack([by_index[e] for e in sorted(by_index)])
+            out[f"{prefix}.{proj}.weight"] = torch.stack([by_index.pop(e) for e in sorted(by_index)])
         return out
