@@ -50,7 +50,8 @@ def main() -> int:
         rows.append(run_process(command, preload_openblas=backend == "mlx"))
     lines = [f"Machine: {machine()}", "",
              f"Model: {model}; {args.pages} pages; mode {args.mode}; up to {args.tokens} tokens per page; float32.", "",
-             "| backend | pages/minute | seconds | generated tokens | peak memory (GB) |", "| --- | --- | --- | --- | --- |"]
+             "| backend | pages/minute | seconds | generated tokens | peak memory (GB) |",
+             "| --- | --- | --- | --- | --- |"]
     lines += [f"| {r['environment']['backend']} | {r['pages_per_minute']:.2f} | {r['seconds']:.1f} | "
               f"{r['generated_tokens']} | {r['peak_memory_gb']:.2f} |" for r in rows]
     args.out.mkdir(parents=True, exist_ok=True)
