@@ -6,6 +6,7 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from ...config import TextArgs
 
@@ -87,10 +88,12 @@ class SwitchGLU(nn.Module):
         """``x (..., D)``, ``indices (..., k)`` -> ``(..., k, D)``."""
         k = indices.shape[-1]
         lead = indices.shape[:-1]
-        x = mx.expand_dims(x, (-2, -3))  # (..., 1, 1, D): one row per (token, expert) pair after gathering
         flat = indices.flatten()
         # Many tokens: sort the (token, expert) pairs by expert so each expert's weights are read once.
         do_sort = flat.size >= 64
+        if do_sort and mx.default_device() == mx.cpu and isinstance(self.gate_proj, SwitchLinear):
+            return self.grouped(x, indices)
+        x = mx.expand_dims(x, (-2, -3))  # (..., 1, 1, D): one row per (token, expert) pair after gathering
         if do_sort:
             order = mx.argsort(flat)
             x = x.reshape(-1, 1, x.shape[-1])[order // k]
@@ -102,6 +105,22 @@ class SwitchGLU(nn.Module):
         if do_sort:
             y = y[mx.argsort(order)]
         return y.reshape(*lead, k, -1)
+
+    def grouped(self, x: mx.array, indices: mx.array) -> mx.array:
+        """The same, one matmul per expert over its tokens: MLX's CPU ``gather_mm`` is about 2.7x slower for
+        a prefill (1.06 s vs 0.39 s per full-size layer at 278 tokens). Reads the routing on the host."""
+        k, D = indices.shape[-1], x.shape[-1]
+        flat = np.array(indices.flatten())
+        order = np.argsort(flat, kind="stable")
+        counts = np.bincount(flat, minlength=self.gate_proj.weight.shape[0])
+        rows = x.reshape(-1, D)[mx.array(order // k)]
+        outs, start = [], 0
+        for expert in np.nonzero(counts)[0]:
+            r = rows[start : start + counts[expert]]
+            start += counts[expert]
+            h = nn.silu(r @ self.gate_proj.weight[expert].T) * (r @ self.up_proj.weight[expert].T)
+            outs.append(h @ self.down_proj.weight[expert].T)
+        return mx.concatenate(outs)[mx.array(np.argsort(order))].reshape(*indices.shape, D)
 
 
 class MoEGate(nn.Module):
