@@ -154,6 +154,16 @@ def test_moe_weights_are_raw_softmax_probabilities(tiny_model):
     assert np.all(np.array(weights).sum(-1) < 1.0)  # not renormalised
 
 
+def test_moe_grouped_prefill_path_equals_the_gather_path(tiny_model):
+    experts = tiny_model.runtime.model.model.layers[1].mlp.experts
+    n_experts, _, hidden = experts.gate_proj.weight.shape
+    x = mx.random.normal((1, 40, hidden), key=mx.random.key(1))
+    indices = mx.random.randint(0, n_experts, (1, 40, 3), key=mx.random.key(2))
+    grouped = experts(x, indices)  # 120 pairs on the CPU: one matmul per expert
+    one_by_one = mx.concatenate([experts(x[:, i : i + 1], indices[:, i : i + 1]) for i in range(40)], axis=1)
+    assert_close(np.array(grouped), np.array(one_by_one), **CACHE, what="grouped vs gather_mm experts")
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_half_precision_runs_and_tracks_float32(tiny_ckpt, tiny_model, gundam_inputs, dtype):
     import dsocr_mlx

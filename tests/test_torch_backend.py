@@ -109,12 +109,13 @@ def test_moe_gather_and_grouped_paths_agree(torch_model):
     experts = torch_model.runtime.model.model.layers[1].mlp.experts
     x = torch.randn(5, experts.gate_proj.weight.shape[2], generator=torch.Generator().manual_seed(0))
     idx = torch.randint(0, experts.gate_proj.weight.shape[0], (5, 3), generator=torch.Generator().manual_seed(1))
+    rows, flat = x.repeat_interleave(3, dim=0), idx.reshape(-1)
     with torch.inference_mode():
-        gathered = experts(x, idx)
-        experts.gather_limit = 0
-        grouped = experts(x, idx)
-        experts.gather_limit = type(experts).gather_limit
+        gathered = experts.gathered(rows, flat)
+        grouped = experts.grouped(rows, flat)
+        routed = experts(x, idx)  # CPU: the grouped path at any size
     assert_close(gathered.numpy(), grouped.numpy(), **CACHE, what="MoE paths")
+    np.testing.assert_array_equal(routed.reshape(-1, x.shape[1]).numpy(), grouped.numpy())
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])

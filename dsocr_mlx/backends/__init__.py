@@ -29,9 +29,10 @@ def _openblas_loaded() -> bool:
 def default_backend() -> str:
     """What ``auto`` means on this host.
 
-    MLX on Apple Silicon; PyTorch on CUDA hosts. On other hosts (CPU only) MLX when OpenBLAS is loaded,
-    since its CPU backend then runs float32 matmul about 18x faster than with its reference BLAS and
-    measured faster than PyTorch's CPU kernels on these models; otherwise PyTorch when installed.
+    MLX on Apple Silicon; PyTorch on CUDA hosts. On other hosts (CPU only) PyTorch when installed, unless
+    OpenBLAS is preloaded into this process: that preload is what MLX's CPU backend needs (float32 matmul
+    about 18x faster than its reference BLAS) and it slows PyTorch's own MKL kernels by 2 to 2.5x, so MLX
+    is the faster of the two there. Measurements in README ("PyTorch backend").
     """
     if sys.platform == "darwin" and platform.machine() == "arm64":
         return "mlx"

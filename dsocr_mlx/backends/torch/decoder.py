@@ -119,8 +119,16 @@ class SwitchGLU(nn.Module):
         flat = indices.reshape(-1)
         rows = x.reshape(-1, D).repeat_interleave(k, dim=0)  # one row per (token, expert) pair
         if flat.numel() <= self.gather_limit and x.device.type != "cpu":
-            h = F.silu(self.gate_proj(rows, flat)) * self.up_proj(rows, flat)
-            return self.down_proj(h, flat).reshape(*lead, k, D)
+            return self.gathered(rows, flat).reshape(*lead, k, D)
+        return self.grouped(rows, flat).reshape(*lead, k, D)
+
+    def gathered(self, rows: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+        """Row ``n`` through expert ``flat[n]``, with the selected experts' weights gathered."""
+        h = F.silu(self.gate_proj(rows, flat)) * self.up_proj(rows, flat)
+        return self.down_proj(h, flat)
+
+    def grouped(self, rows: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+        """The same, one matmul per expert over its rows (reads the routing on the host)."""
         out = torch.empty_like(rows)
         order = torch.argsort(flat)
         counts = torch.bincount(flat, minlength=self.gate_proj.weight.shape[0]).tolist()
@@ -132,7 +140,7 @@ class SwitchGLU(nn.Module):
                 h = F.silu(r @ self.gate_proj.weight[expert].T) * (r @ self.up_proj.weight[expert].T)
                 out[sel] = h @ self.down_proj.weight[expert].T
                 start += count
-        return out.reshape(*lead, k, D)
+        return out
 
 
 class MoEGate(nn.Module):
