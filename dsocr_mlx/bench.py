@@ -137,8 +137,8 @@ def label(result: dict[str, Any]) -> str:
     return f"{result['environment']['backend']} {result['environment']['dtype']}"
 
 
-def run_benchmark(model_path: str, backend: str = "mlx", dtype: str | None = None, mode: str = "gundam",
-                  tokens: int = 64, trials: int = 3, image: Image.Image | None = None) -> dict[str, Any]:
+def run_benchmark(model_path: str, backend: str = "mlx", dtype: str | None = None, mode: str = "base",
+                  tokens: int = 32, trials: int = 2, image: Image.Image | None = None) -> dict[str, Any]:
     """Load, warm up once, then time ``trials`` runs; returns settings, environment, per-trial and median stages."""
     import dsocr_mlx
 
@@ -174,7 +174,7 @@ def describe(result: dict[str, Any]) -> str:
     env, s, median = result["environment"], result["settings"], result["median"]
     return (f"{env['machine']}; {', '.join(f'{k} {v}' for k, v in env['versions'].items())}\n"
             f"model {s['model']}, {env['backend']} {env['dtype']}, mode {s['mode']}, {s['tokens']} tokens, "
-            f"{s['trials']} trials, prompt {median['prompt_tokens']} tokens ({median['image_tokens']} image)")
+            f"{s['trials']} trials, prompt {int(median['prompt_tokens'])} tokens ({int(median['image_tokens'])} image)")
 
 
 def save_outputs(results: list[dict[str, Any]], out: Path) -> list[Path]:

@@ -209,11 +209,11 @@ def serve(
 @app.command()
 def bench(
     model: Annotated[str | None, Opt(help="Model folder or repo id (default: a full-size random checkpoint).")] = None,
-    backend: Annotated[str, Opt(help="mlx, torch or auto.")] = "mlx",
+    backend: Annotated[str, Opt(help="mlx, torch or auto (see PyTorch backend in README).")] = "auto",
     dtype: Annotated[str, Opt(help="float16, bfloat16 or float32.")] = "float32",
-    mode: Annotated[str, Opt(help="tiny, small, base, large or gundam.")] = "gundam",
-    tokens: Annotated[int, Opt(help="Tokens generated per trial (EOS ignored).")] = 64,
-    trials: Annotated[int, Opt(help="Timed trials after one warm-up.")] = 3,
+    mode: Annotated[str, Opt(help="tiny, small, base, large or gundam (tiled, several times slower).")] = "base",
+    tokens: Annotated[int, Opt(help="Tokens generated per trial (EOS ignored).")] = 32,
+    trials: Annotated[int, Opt(help="Timed trials after one warm-up.")] = 2,
     out: Annotated[Path | None, Opt(help="Write bench.json, bench.md and bench.png here.")] = None,
     pdf_pages: Annotated[int, Opt(help="Also OCR a PDF of this many pages end to end and report pages/minute.")] = 0,
 ) -> None:

@@ -13,8 +13,8 @@ from dsocr_mlx.cli import app
 
 def test_bench_reports_every_stage_and_writes_outputs(tiny_ckpt, tmp_path):
     out = tmp_path / "bench"
-    result = CliRunner().invoke(app, ["bench", "--model", str(tiny_ckpt), "--mode", "small", "--tokens", "4",
-                                      "--trials", "1", "--out", str(out)])
+    result = CliRunner().invoke(app, ["bench", "--model", str(tiny_ckpt), "--backend", "mlx", "--mode", "small",
+                                      "--tokens", "4", "--trials", "1", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert "| decode (tok/s) |" in result.stdout and "mlx" in result.stdout
     data = json.loads((out / "bench.json").read_text())[0]
