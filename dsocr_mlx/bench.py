@@ -8,6 +8,7 @@ same numbers go to a Markdown table, JSON and a PNG chart.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import resource
 import statistics
@@ -108,7 +109,7 @@ def environment(model: OCRModel) -> dict[str, Any]:
 
 
 def machine() -> str:
-    """The host in words: OS, architecture, CPU model and core count (plus the GPU where torch sees one)."""
+    """The host in words: OS, architecture, CPU model and core count."""
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -125,8 +126,6 @@ def machine() -> str:
                                  timeout=5).stdout.strip() or cpu
         except (OSError, subprocess.SubprocessError):
             pass
-    import os
-
     return f"{platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} cores"
 
 
@@ -219,7 +218,7 @@ def run_pdf_benchmark(model_path: str, backend: str = "mlx", dtype: str | None =
     """Pages per minute end to end: a ``pages``-page PDF through :meth:`OCRModel.ocr_many`.
 
     Every page is rendered, preprocessed, encoded and decoded up to ``tokens`` tokens (the official PDF
-    n-gram ban on), as ``dsocr ocr file.pdf`` does; the first page is a warm-up run and is not timed.
+    n-gram ban on), as ``dsocr ocr file.pdf`` does, after one untimed warm-up page outside the PDF.
     """
     import tempfile
 

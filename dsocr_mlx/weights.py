@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any, BinaryIO
 
 from .config import ModelArgs
 
@@ -179,19 +180,27 @@ def weight_files(folder: str | Path) -> list[Path]:
     return files
 
 
+def read_safetensors_header(fh: BinaryIO, path: Path) -> tuple[int, dict[str, Any]]:
+    """``(header length, header)`` of the safetensors file open as ``fh``; the data starts at ``8 + length``."""
+    try:
+        n = int.from_bytes(fh.read(8), "little")
+        if not 0 < n < 1 << 28:
+            raise ValueError("bad header length")
+        header = json.loads(fh.read(n))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} is not a readable safetensors file ({e}); re-download it") from None
+    header.pop("__metadata__", None)
+    return n, header
+
+
 def safetensors_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
     """Tensor name -> shape from the headers alone (no data is read)."""
     shapes: dict[str, tuple[int, ...]] = {}
     for f in files:
         try:
             with open(f, "rb") as fh:
-                n = int.from_bytes(fh.read(8), "little")
-                if not 0 < n < 1 << 28:
-                    raise ValueError("bad header length")
-                header = json.loads(fh.read(n))
-        except (OSError, ValueError) as e:
+                _, header = read_safetensors_header(fh, f)
+        except OSError as e:
             raise ValueError(f"{f} is not a readable safetensors file ({e}); re-download it") from None
-        for name, info in header.items():
-            if name != "__metadata__":
-                shapes[name] = tuple(info["shape"])
+        shapes.update((name, tuple(info["shape"])) for name, info in header.items())
     return shapes

@@ -6,14 +6,12 @@ JSON object with the same stage keys as ``dsocr_mlx.bench.time_once`` so the two
 
 from __future__ import annotations
 
-import argparse
-import json
 import resource
-import statistics
 import time
 
 import mlx.core as mx
 from PIL import Image
+from stages import print_summary, stage_parser
 
 
 def time_once(model, processor, image, prompt, base_size, image_size, crop, tokens):
@@ -61,16 +59,7 @@ def time_once(model, processor, image, prompt, base_size, image_size, crop, toke
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--image", required=True)
-    parser.add_argument("--prompt", required=True)
-    parser.add_argument("--base-size", type=int, required=True)
-    parser.add_argument("--image-size", type=int, required=True)
-    parser.add_argument("--crop", action="store_true")
-    parser.add_argument("--tokens", type=int, default=32)
-    parser.add_argument("--trials", type=int, default=2)
-    args = parser.parse_args()
+    args = stage_parser(__doc__).parse_args()
 
     from mlx_vlm import load
     from mlx_vlm.version import __version__
@@ -85,11 +74,7 @@ def main() -> None:
     runs = [time_once(*run, args.tokens) for _ in range(args.trials)]
     peak = mx.get_peak_memory() / 1e9 if mx.metal.is_available() else (
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9)
-    print(json.dumps({
-        "name": "mlx-vlm", "versions": {"mlx-vlm": __version__, "mlx": mx.__version__},
-        "load_s": load_s, "peak_memory_gb": peak,
-        "median": {k: statistics.median(r[k] for r in runs) for k in runs[0]}, "trials": runs,
-    }))
+    print_summary("mlx-vlm", {"mlx-vlm": __version__, "mlx": mx.__version__}, load_s, peak, runs)
 
 
 if __name__ == "__main__":

@@ -9,18 +9,17 @@ JSON object with the same stage keys as ``dsocr_mlx.bench.time_once``.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import importlib
-import json
 import os
 import resource
 import shutil
-import statistics
 import sys
 import tempfile
 import time
 import types
+
+from stages import print_summary, stage_parser
 
 CODE_FILES = ("modeling_deepseekocr.py", "deepencoder.py", "modeling_deepseekv2.py",
               "configuration_deepseek_v2.py", "conversation.py")
@@ -188,16 +187,8 @@ def time_once(model, tokenizer, vision, args, tokens):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = stage_parser(__doc__)
     parser.add_argument("--code", required=True, help="folder with the official .py files")
-    parser.add_argument("--model", required=True, help="checkpoint folder in the original HF layout")
-    parser.add_argument("--image", required=True)
-    parser.add_argument("--prompt", required=True)
-    parser.add_argument("--base-size", type=int, required=True)
-    parser.add_argument("--image-size", type=int, required=True)
-    parser.add_argument("--crop", action="store_true")
-    parser.add_argument("--tokens", type=int, default=32)
-    parser.add_argument("--trials", type=int, default=2)
     args = parser.parse_args()
 
     import warnings
@@ -218,12 +209,8 @@ def main() -> None:
         vision = VisionClock(model)
         time_once(model, tokenizer, vision, args, min(args.tokens, 4))  # warm-up
         runs = [time_once(model, tokenizer, vision, args, args.tokens) for _ in range(args.trials)]
-    print(json.dumps({
-        "name": "official (HF, torch CPU)",
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
-        "load_s": load_s, "peak_memory_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
-        "median": {k: statistics.median(r[k] for r in runs) for k in runs[0]}, "trials": runs,
-    }))
+    print_summary("official (HF, torch CPU)", {"torch": torch.__version__, "transformers": transformers.__version__},
+                  load_s, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9, runs)
 
 
 if __name__ == "__main__":

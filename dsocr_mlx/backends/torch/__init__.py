@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,7 +11,14 @@ import torch
 from ...config import ModelArgs
 from ...processing import ProcessedInputs
 from ...sampling import SamplingParams
-from ...weights import CONV_WEIGHTS, check_checkpoint, checkpoint_shapes, safetensors_shapes, weight_files
+from ...weights import (
+    CONV_WEIGHTS,
+    check_checkpoint,
+    checkpoint_shapes,
+    read_safetensors_header,
+    safetensors_shapes,
+    weight_files,
+)
 from .generate import generate_step, make_logits_processors, make_sampler, prefill
 from .model import Model
 
@@ -32,9 +38,7 @@ def read_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     the heap.
     """
     with open(path, "rb") as f:
-        header_len = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(header_len))
-        header.pop("__metadata__", None)
+        header_len, header = read_safetensors_header(f, path)
         entries = sorted(header.items(), key=lambda item: item[1]["data_offsets"][0])
         scratch = memoryview(bytearray(max((e - s for s, e in (i["data_offsets"] for _, i in entries)), default=0)))
         for name, info in entries:
