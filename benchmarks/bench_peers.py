@@ -2,10 +2,13 @@
 
     python benchmarks/bench_peers.py setup [--reference-code DIR]     # once: two separate environments
     python benchmarks/bench_peers.py run --reference-code DIR         # the comparison (about 12 min here)
+    python benchmarks/bench_peers.py run --device cuda                # ours (torch) vs official, bf16 on a GPU
 
 Every implementation runs in its own process on the same random weights (by default the full-size
 random checkpoint of ``dsocr make-test-model``), the same image, prompt, mode and number of generated
 tokens (EOS ignored, greedy, no n-gram ban), in float32, with one warm-up and ``--trials`` timed runs.
+With ``--device cuda`` the GPU runs are ours on PyTorch and the official code, both in bfloat16 (the
+official inference dtype), on the same GPU in the same command.
 mlx-vlm reads a folder made by its own converter; the official code reads the original layout and runs
 on CPU from the ``.py`` files of the model's Hugging Face repo, which stay where they are (a temporary
 copy is imported; nothing is copied into this repository). The peers live in their own virtual
@@ -45,6 +48,13 @@ TARGETS = [
     ("time to first token, official / ours torch", "ours torch", "official", "ttft_s", False, 2.0),
     ("decode tok/s, ours torch / official", "ours torch", "official", "decode_tps", True, None),
 ]
+# On a GPU (the PyTorch backend issue): ratios, then absolute floors as (name, implementation, stage, floor).
+CUDA_TARGETS = [
+    ("decode tok/s, ours torch / official", "ours torch", "official", "decode_tps", True, 5.0),
+    ("time to first token, official / ours torch", "ours torch", "official", "ttft_s", False, None),
+    ("vision, official / ours torch", "ours torch", "official", "vision_s", False, None),
+]
+CUDA_FLOORS = [("decode tok/s at batch 1, ours torch", "ours torch", "decode_tps", 250.0)]
 
 
 def default_envs() -> Path:
@@ -126,23 +136,30 @@ def mlx_vlm_folder(envs: Path, checkpoint: Path) -> Path:
     return out
 
 
-def float32_weights_gb(checkpoint: Path) -> float:
+def weights_gb(checkpoint: Path, dtype: str = "float32") -> float:
+    """The model's weights in ``dtype``, in GB."""
     from dsocr_mlx.config import ModelArgs
     from dsocr_mlx.weights import checkpoint_shapes
 
     shapes = checkpoint_shapes(ModelArgs.from_file(checkpoint / "config.json"))
-    return 4 * sum(math.prod(s) for s in shapes.values()) / 1e9
+    return (4 if dtype == "float32" else 2) * sum(math.prod(s) for s in shapes.values()) / 1e9
 
 
-def ratios(results: dict[str, dict]) -> list[dict]:
-    """The target ratios, each > 1 when ours is better, for the implementations that ran."""
+def ratios(results: dict[str, dict], device: str = "cpu") -> list[dict]:
+    """The target ratios, each > 1 when ours is better, for the implementations that ran (then, on a GPU,
+    the absolute floors, in the row's own unit)."""
+    on_gpu = device != "cpu"
     rows = []
-    for name, ours, peer, stage, higher_is_better, target in TARGETS:
+    for name, ours, peer, stage, higher_is_better, target in CUDA_TARGETS if on_gpu else TARGETS:
         if ours in results and peer in results:
             a, b = results[ours]["median"][stage], results[peer]["median"][stage]
             value = a / b if higher_is_better else b / a
             rows.append({"ratio": name, "value": value, "target": target,
                          "met": None if target is None else value >= target})
+    for name, ours, stage, floor in CUDA_FLOORS if on_gpu else []:
+        if ours in results:
+            value = results[ours]["median"][stage]
+            rows.append({"ratio": name, "value": value, "target": floor, "met": value >= floor, "unit": ""})
     return rows
 
 
@@ -152,22 +169,26 @@ def report(payload: dict) -> str:
 
     s = payload["settings"]
     results = list(payload["results"].values())
+    dtype = s.get("dtype", "float32")
+    weights = s["weights_gb"]
     lines = [f"Machine: {payload['machine']}", "",
-             f"Model: {s['model']} ({s['weights_gb_float32']:.2f} GB of weights in float32); mode {s['mode']}; "
-             f"{s['tokens']} generated tokens; {s['trials']} trials after one warm-up; float32; prompt "
+             f"Model: {s['model']} ({weights:.2f} GB of weights in {dtype}); mode {s['mode']}; "
+             f"{s['tokens']} generated tokens; {s['trials']} trials after one warm-up; {dtype} on "
+             f"{s.get('device', 'cpu')}; prompt "
              f"`{s['prompt']!r}`; image {s['image']}.", "",
              "Versions: " + "; ".join(f"{r['name']}: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items())
                                       for r in results), "",
              markdown_table(results), "",
              "| memory | " + " | ".join(r["name"] for r in results) + " |",
              "|" + " --- |" * (len(results) + 1),
-             "| peak / float32 weights | " + " | ".join(
-                 f"{r['peak_memory_gb'] / s['weights_gb_float32']:.2f}x" for r in results) + " |", "",
+             f"| peak / {dtype} weights | " + " | ".join(
+                 f"{r['peak_memory_gb'] / weights:.2f}x" for r in results) + " |", "",
              "| ratio (> 1: ours is better) | value | target | met |", "| --- | --- | --- | --- |"]
     for row in payload["ratios"]:
-        target = "" if row["target"] is None else f"{row['target']:.1f}x"
+        unit = row.get("unit", "x")
+        target = "" if row["target"] is None else f"{row['target']:.1f}{unit}"
         met = "" if row["met"] is None else ("yes" if row["met"] else "no")
-        lines.append(f"| {row['ratio']} | {row['value']:.2f}x | {target} | {met} |")
+        lines.append(f"| {row['ratio']} | {row['value']:.2f}{unit} | {target} | {met} |")
     if payload["errors"]:
         lines += ["", "Failed: " + "; ".join(f"{k}: {v.splitlines()[0]}" for k, v in payload["errors"].items())]
     return "\n".join(lines) + "\n"
@@ -178,7 +199,8 @@ def run(args: argparse.Namespace) -> int:
     from dsocr_mlx.processing import MODES
     from dsocr_mlx.random_checkpoint import default_bench_checkpoint
 
-    envs, out = args.envs, args.out
+    envs = args.envs
+    out = args.out or HERE / "results" / ("peers" if args.device == "cpu" else "cuda")
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = Path(args.model) if args.model else default_bench_checkpoint()
     reference_code = args.reference_code or envs / "reference-code"
@@ -189,19 +211,27 @@ def run(args: argparse.Namespace) -> int:
     common = ["--image", str(image_path), "--prompt", prompt, "--base-size", str(mode.base_size),
               "--image-size", str(mode.image_size), "--tokens", str(args.tokens), "--trials", str(args.trials)]
     common += ["--crop"] if mode.crop_mode else []
+    on_gpu = args.device != "cpu"
+    dtype = args.dtype or ("bfloat16" if on_gpu else "float32")
+    # On a GPU only the torch implementations run: ours on PyTorch and the official code.
+    ours_backends = [b for b in args.ours if b == "torch"] if on_gpu else args.ours
+    peers = [p for p in args.peers if p == "official"] if on_gpu else args.peers
+    torch_flags = ["--device", args.device, "--dtype", dtype]
     ours_common = ["--model", str(checkpoint), "--mode", args.mode, "--tokens", str(args.tokens),
                    "--trials", str(args.trials), "--image", str(image_path)]
     jobs = [(f"ours {backend}", lambda b=backend: run_process(
-                [sys.executable, __file__, "ours", "--backend", b, *ours_common], preload_openblas=b == "mlx"))
-            for backend in args.ours]
-    if "mlx-vlm" in args.peers:
+                [sys.executable, __file__, "ours", "--backend", b, *ours_common,
+                 *(torch_flags if b == "torch" else ["--dtype", "float32"])], preload_openblas=b == "mlx"))
+            for backend in ours_backends]
+    if "mlx-vlm" in peers:
         jobs.append(("mlx-vlm", lambda: run_process(
             [str(env_python(envs, "mlx-vlm")), str(HERE / "peers" / "mlx_vlm_stages.py"),
              "--model", str(mlx_vlm_folder(envs, checkpoint)), *common], preload_openblas=True)))
-    if "official" in args.peers:
+    if "official" in peers:
         jobs.append(("official", lambda: run_process(
             [str(env_python(envs, "official")), str(HERE / "peers" / "official_stages.py"),
-             "--code", str(reference_code), "--model", str(checkpoint), *common], preload_openblas=False)))
+             "--code", str(reference_code), "--model", str(checkpoint), *common, *torch_flags],
+            preload_openblas=False)))
 
     results, errors = {}, {}
     for name, job in jobs:
@@ -214,12 +244,15 @@ def run(args: argparse.Namespace) -> int:
             log(f"  {name} failed: {e}")
             continue
         log(f"  done in {time.perf_counter() - t:.0f} s")
+    host = machine()
+    if on_gpu and results:
+        host = next(iter(results.values())).get("machine", host)  # names the GPU
     payload = {
-        "machine": machine(), "python": platform.python_version(),
+        "machine": host, "python": platform.python_version(),
         "settings": {"model": str(checkpoint), "mode": args.mode, "tokens": args.tokens, "trials": args.trials,
-                     "prompt": prompt, "image": list(page_image().size),
-                     "weights_gb_float32": float32_weights_gb(checkpoint)},
-        "results": results, "ratios": ratios(results), "errors": errors,
+                     "prompt": prompt, "image": list(page_image().size), "device": args.device, "dtype": dtype,
+                     "weights_gb": weights_gb(checkpoint, dtype)},
+        "results": results, "ratios": ratios(results, args.device), "errors": errors,
     }
     (out / "peers.json").write_text(json.dumps(payload, indent=1))
     text = report(payload)
@@ -237,9 +270,11 @@ def ours(args: argparse.Namespace) -> None:
 
     from dsocr_mlx.bench import run_benchmark
 
-    result = run_benchmark(args.model, backend=args.backend, dtype="float32", mode=args.mode, tokens=args.tokens,
-                           trials=args.trials, image=Image.open(args.image).convert("RGB"))
+    result = run_benchmark(args.model, backend=args.backend, dtype=args.dtype, mode=args.mode, tokens=args.tokens,
+                           trials=args.trials, image=Image.open(args.image).convert("RGB"),
+                           device=args.device if args.backend == "torch" else None)
     result["versions"] = result["environment"]["versions"]
+    result["machine"] = result["environment"]["machine"]
     print(json.dumps(result))
 
 
@@ -258,7 +293,12 @@ def main() -> int:
     compare.add_argument("--trials", type=int, default=2)
     compare.add_argument("--ours", nargs="*", default=["mlx", "torch"], choices=["mlx", "torch"])
     compare.add_argument("--peers", nargs="*", default=["mlx-vlm", "official"], choices=["mlx-vlm", "official"])
-    compare.add_argument("--out", type=Path, default=HERE / "results" / "peers")
+    compare.add_argument("--device", default="cpu", help="cpu, or cuda / cuda:N: ours on torch vs the official "
+                         "code on that GPU")
+    compare.add_argument("--dtype", choices=["float32", "bfloat16"],
+                         help="torch runs' dtype (default: float32 on cpu, bfloat16 on a GPU)")
+    compare.add_argument("--out", type=Path, help="results folder (default: benchmarks/results/peers, or "
+                         "benchmarks/results/cuda with --device cuda)")
     one = commands.add_parser("ours", help=argparse.SUPPRESS)
     one.add_argument("--backend", required=True)
     one.add_argument("--model", required=True)
@@ -266,6 +306,8 @@ def main() -> int:
     one.add_argument("--tokens", type=int, required=True)
     one.add_argument("--trials", type=int, required=True)
     one.add_argument("--image", required=True)
+    one.add_argument("--device", default="cpu")
+    one.add_argument("--dtype", default="float32")
     args = parser.parse_args()
     if args.command == "setup":
         setup(args.envs, args.reference_code)

@@ -19,22 +19,26 @@ if TYPE_CHECKING:
     from .processing import ProcessedInputs
 
 
-def load(path_or_repo_id: str = "deepseek-ai/DeepSeek-OCR", backend: str = "mlx", dtype: str | None = None) -> OCRModel:
+def load(path_or_repo_id: str = "deepseek-ai/DeepSeek-OCR", backend: str = "mlx", dtype: str | None = None,
+         device: str | None = None) -> OCRModel:
     """Load DeepSeek-OCR from a local folder or a Hugging Face repo id.
 
     Args:
         path_or_repo_id: a model folder (original Hugging Face layout) or a repo id such as
             ``deepseek-ai/DeepSeek-OCR`` (downloaded once into the huggingface_hub cache).
-        backend: ``"mlx"``.
-        dtype: ``"float16"``, ``"bfloat16"`` or ``"float32"``; by default the dtype a converted folder was
-            written in, else ``"float16"``. Quantized folders load with no flags.
+        backend: ``"mlx"``, ``"torch"`` or ``"auto"`` (MLX on Apple Silicon, PyTorch on CUDA hosts).
+        dtype: ``"float16"``, ``"bfloat16"``, ``"float32"`` or None/``"auto"``: the dtype a converted folder
+            was written in, else float16 on Apple's GPU, bfloat16 on CUDA and float32 on a CPU.
+            Quantized folders load with no flags.
+        device: the PyTorch backend's device, ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` (default: CUDA when
+            available); naming one makes ``auto`` pick PyTorch. MLX chooses its own device.
 
     Returns:
         An :class:`OCRModel` ready for ``prepare``, ``ocr`` and friends.
     """
     from .pipeline import OCRModel
 
-    return OCRModel.load(path_or_repo_id, backend=backend, dtype=dtype)
+    return OCRModel.load(path_or_repo_id, backend=backend, dtype=dtype, device=device)
 
 
 def __getattr__(name: str):

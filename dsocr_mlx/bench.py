@@ -105,7 +105,13 @@ def environment(model: OCRModel) -> dict[str, Any]:
             versions[name] = version(name)
         except PackageNotFoundError:
             pass
-    return {"machine": machine(), "versions": versions, "backend": model.backend, "dtype": model.dtype}
+    host = machine()
+    if model.device.startswith("cuda"):
+        import torch
+
+        host += f", {torch.cuda.get_device_name(model.device)}"
+    return {"machine": host, "versions": versions, "backend": model.backend, "dtype": model.dtype,
+            "device": model.device}
 
 
 def machine() -> str:
@@ -133,16 +139,19 @@ def label(result: dict[str, Any]) -> str:
     """A result's column name: a peer's name, else ``backend dtype``."""
     if "name" in result:
         return result["name"]
-    return f"{result['environment']['backend']} {result['environment']['dtype']}"
+    env = result["environment"]
+    device = f" {env['device']}" if env.get("device", "cpu").startswith("cuda") else ""
+    return f"{env['backend']} {env['dtype']}{device}"
 
 
 def run_benchmark(model_path: str, backend: str = "mlx", dtype: str | None = None, mode: str = "base",
-                  tokens: int = 32, trials: int = 2, image: Image.Image | None = None) -> dict[str, Any]:
+                  tokens: int = 32, trials: int = 2, image: Image.Image | None = None,
+                  device: str | None = None) -> dict[str, Any]:
     """Load, warm up once, then time ``trials`` runs; returns settings, environment, per-trial and median stages."""
     import dsocr_mlx
 
     t = time.perf_counter()
-    model = dsocr_mlx.load(model_path, backend=backend, dtype=dtype)
+    model = dsocr_mlx.load(model_path, backend=backend, dtype=dtype, device=device)
     load_s = time.perf_counter() - t
     image = image or page_image()
     time_once(model, image, mode, min(tokens, 4))  # warm-up: kernels, allocator, caches
@@ -172,7 +181,8 @@ def describe(result: dict[str, Any]) -> str:
     """Machine, library versions and settings of one :func:`run_benchmark` result, in two lines."""
     env, s, median = result["environment"], result["settings"], result["median"]
     return (f"{env['machine']}; {', '.join(f'{k} {v}' for k, v in env['versions'].items())}\n"
-            f"model {s['model']}, {env['backend']} {env['dtype']}, mode {s['mode']}, {s['tokens']} tokens, "
+            f"model {s['model']}, {env['backend']} {env['dtype']} on {env.get('device', 'cpu')}, mode {s['mode']}, "
+            f"{s['tokens']} tokens, "
             f"{s['trials']} trials, prompt {int(median['prompt_tokens'])} tokens ({int(median['image_tokens'])} image)")
 
 
@@ -214,7 +224,8 @@ def bar_chart(results: list[dict[str, Any]]) -> Image.Image:
 
 
 def run_pdf_benchmark(model_path: str, backend: str = "mlx", dtype: str | None = None, mode: str = "gundam",
-                      pages: int = 4, tokens: int = 64, work_dir: Path | None = None) -> dict[str, Any]:
+                      pages: int = 4, tokens: int = 64, work_dir: Path | None = None,
+                      device: str | None = None) -> dict[str, Any]:
     """Pages per minute end to end: a ``pages``-page PDF through :meth:`OCRModel.ocr_many`.
 
     Every page is rendered, preprocessed, encoded and decoded up to ``tokens`` tokens (the official PDF
@@ -226,7 +237,7 @@ def run_pdf_benchmark(model_path: str, backend: str = "mlx", dtype: str | None =
 
     from .pdf import save_images_as_pdf
 
-    model = dsocr_mlx.load(model_path, backend=backend, dtype=dtype)
+    model = dsocr_mlx.load(model_path, backend=backend, dtype=dtype, device=device)
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
         path = Path(tmp) / "pages.pdf"
         save_images_as_pdf([page_image(seed=i) for i in range(pages)], path)

@@ -38,7 +38,8 @@ def ocr(
     inputs: Annotated[list[str], typer.Argument(help="Images, PDFs, folders or globs.", show_default=False)],
     model: Annotated[str | None, Opt(help="Model folder or Hugging Face repo id.")] = None,
     backend: Annotated[str | None, Opt(help="mlx, torch or auto.")] = None,
-    dtype: Annotated[str | None, Opt(help="float16, bfloat16 or float32.")] = None,
+    dtype: Annotated[str | None, Opt(help="auto, float16, bfloat16 or float32.")] = None,
+    device: Annotated[str | None, Opt(help="auto, cpu, cuda or cuda:N (PyTorch backend).")] = None,
     mode: Annotated[str | None, Opt(help="tiny, small, base, large or gundam.")] = None,
     task: Annotated[str | None, Opt(help="markdown, ocr, free, figure, describe or locate.")] = None,
     prompt: Annotated[str | None, Opt(help="Custom prompt (one <image> per image).")] = None,
@@ -70,7 +71,7 @@ def ocr(
         conf = cfg.load_settings(config)
     except ValueError as e:
         raise _fail(str(e), 2) from None
-    m = cfg.merge(conf["model"], path=model, backend=backend, dtype=dtype)
+    m = cfg.merge(conf["model"], path=model, backend=backend, dtype=dtype, device=device)
     o = cfg.merge(conf["ocr"], mode=mode, task=None if prompt else task, max_new_tokens=max_new_tokens, dpi=dpi,
                   temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty)
     if prompt:
@@ -90,7 +91,7 @@ def ocr(
     try:
         import dsocr_mlx
 
-        loaded = dsocr_mlx.load(m["path"], backend=m["backend"], dtype=m["dtype"])
+        loaded = dsocr_mlx.load(m["path"], backend=m["backend"], dtype=m["dtype"], device=m["device"])
     except (FileNotFoundError, ValueError, ImportError, OSError) as e:
         if verbose:
             raise
@@ -168,7 +169,8 @@ def models() -> None:
 def serve(
     model: Annotated[str | None, Opt(help="Model folder or Hugging Face repo id.")] = None,
     backend: Annotated[str | None, Opt(help="mlx, torch or auto.")] = None,
-    dtype: Annotated[str | None, Opt(help="float16, bfloat16 or float32.")] = None,
+    dtype: Annotated[str | None, Opt(help="auto, float16, bfloat16 or float32.")] = None,
+    device: Annotated[str | None, Opt(help="auto, cpu, cuda or cuda:N (PyTorch backend).")] = None,
     host: Annotated[str | None, Opt(help="Address to bind (default 127.0.0.1: this machine only).")] = None,
     port: Annotated[int | None, Opt(help="Port (default 8000).")] = None,
     api_key: Annotated[str | None, Opt(envvar="DSOCR_API_KEY", help="Require Authorization: Bearer KEY.")] = None,
@@ -190,7 +192,7 @@ def serve(
         conf = cfg.load_settings(config)
     except ValueError as e:
         raise _fail(str(e), 2) from None
-    conf["model"] = cfg.merge(conf["model"], path=model, backend=backend, dtype=dtype)
+    conf["model"] = cfg.merge(conf["model"], path=model, backend=backend, dtype=dtype, device=device)
     conf["server"] = cfg.merge(conf["server"], host=host, port=port, api_key=api_key, max_queue=max_queue,
                                request_timeout=request_timeout, allow_remote_images=remote_images,
                                cors_origins=cors_origin or None, allow_model_switch=model_switch)
@@ -210,7 +212,8 @@ def serve(
 def bench(
     model: Annotated[str | None, Opt(help="Model folder or repo id (default: a full-size random checkpoint).")] = None,
     backend: Annotated[str, Opt(help="mlx, torch or auto (see PyTorch backend in README).")] = "auto",
-    dtype: Annotated[str, Opt(help="float16, bfloat16 or float32.")] = "float32",
+    dtype: Annotated[str, Opt(help="auto, float16, bfloat16 or float32 (auto: float32 on a CPU).")] = "auto",
+    device: Annotated[str, Opt(help="auto, cpu, cuda or cuda:N (PyTorch backend).")] = "auto",
     mode: Annotated[str, Opt(help="tiny, small, base, large or gundam (tiled, several times slower).")] = "base",
     tokens: Annotated[int, Opt(help="Tokens generated per trial (EOS ignored).")] = 32,
     trials: Annotated[int, Opt(help="Timed trials after one warm-up.")] = 2,
@@ -225,7 +228,8 @@ def bench(
 
         model = str(default_bench_checkpoint())
     try:
-        result = run_benchmark(model, backend=backend, dtype=dtype, mode=mode, tokens=tokens, trials=trials)
+        result = run_benchmark(model, backend=backend, dtype=dtype, mode=mode, tokens=tokens, trials=trials,
+                               device=device)
     except (FileNotFoundError, ValueError, ImportError) as e:
         raise _fail(str(e)) from None
     typer.echo(describe(result))
@@ -234,7 +238,8 @@ def bench(
         for path in save_outputs([result], out):
             typer.echo(f"wrote {path}")
     if pdf_pages > 0:
-        pdf = run_pdf_benchmark(model, backend=backend, dtype=dtype, mode=mode, pages=pdf_pages, tokens=tokens)
+        pdf = run_pdf_benchmark(model, backend=backend, dtype=dtype, mode=mode, pages=pdf_pages, tokens=tokens,
+                                device=device)
         typer.echo(f"PDF, {pdf_pages} pages, up to {tokens} tokens each: {pdf['pages_per_minute']:.2f} pages/minute "
                    f"({pdf['seconds']:.1f} s, {pdf['generated_tokens']} tokens, peak {pdf['peak_memory_gb']:.2f} GB)")
         if out is not None:

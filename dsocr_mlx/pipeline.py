@@ -157,18 +157,19 @@ class OCRModel:
         self._vision_cache: tuple[str, Any] | None = None
 
     @classmethod
-    def load(cls, path_or_repo_id: str | Path, backend: str = "mlx", dtype: str | None = None) -> OCRModel:
-        if dtype is not None:
-            check_dtype(dtype)
-        module = get_backend(backend)
+    def load(cls, path_or_repo_id: str | Path, backend: str = "mlx", dtype: str | None = None,
+             device: str | None = None) -> OCRModel:
+        dtype = check_dtype(dtype)
+        module = get_backend(backend, device)
         folder = resolve_model_path(path_or_repo_id)
         args = ModelArgs.from_file(folder / "config.json")
-        preferred = getattr(module, "default_dtype", lambda _: None)(args)
-        dtype = dtype or preferred or args.converted_dtype or "float16"
+        device = module.resolve_device(device)
+        dtype = dtype or module.default_dtype(args, device)
         tokenizer = Tokenizer.from_folder(folder, args.text.bos_token_id, args.text.eos_token_id)
         start = time.perf_counter()
-        runtime = module.Runtime.load(folder, args, dtype)
-        logger.info("loaded %s (%s, %s) in %.1fs", folder, backend, dtype, time.perf_counter() - start)
+        runtime = module.Runtime.load(folder, args, dtype, device)
+        logger.info("loaded %s (%s, %s, %s) in %.1fs", folder, runtime.name, dtype, device,
+                    time.perf_counter() - start)
         return cls(runtime, tokenizer, args, folder)
 
     @property
@@ -178,6 +179,10 @@ class OCRModel:
     @property
     def dtype(self) -> str:
         return self.runtime.dtype
+
+    @property
+    def device(self) -> str:
+        return self.runtime.device
 
     def prepare(self, image: ImageInput | list[ImageInput] | None, prompt: str = DEFAULT_PROMPT,
                 mode: str = "gundam") -> ProcessedInputs:

@@ -17,7 +17,7 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 DEFAULTS: dict[str, dict[str, Any]] = {
-    "model": {"path": "deepseek-ai/DeepSeek-OCR", "backend": "auto", "dtype": "float16"},
+    "model": {"path": "deepseek-ai/DeepSeek-OCR", "backend": "auto", "dtype": "auto", "device": "auto"},
     "ocr": {
         "mode": "gundam", "task": "markdown", "max_new_tokens": 8192, "temperature": 0.0, "top_p": 1.0, "top_k": 0,
         "repetition_penalty": 1.0, "dpi": 144, "detect_loops": True, "retry_on_repetition": True,
@@ -36,7 +36,9 @@ TEMPLATE = """# dsocr configuration (created with the defaults; edit and uncomme
 [model]
 # path = "deepseek-ai/DeepSeek-OCR"   # Hugging Face repo id or local folder
 # backend = "auto"                    # auto, mlx or torch
-# dtype = "float16"                   # float16, bfloat16 or float32
+# dtype = "auto"                      # auto, float16, bfloat16 or float32 (auto: float16 on Apple's GPU,
+#                                     # bfloat16 on CUDA, float32 on a CPU)
+# device = "auto"                     # auto, cpu, cuda or cuda:N (the PyTorch backend's device)
 
 [ocr]
 # mode = "gundam"                     # tiny, small, base, large, gundam

@@ -108,8 +108,8 @@ def error_response(e: APIError) -> JSONResponse:
 def create_app(settings: dict | None = None, loader: Callable[[str], Any] | None = None) -> Starlette:
     """The server for ``settings`` (as :func:`dsocr_mlx.settings.load_settings` returns them).
 
-    ``loader`` maps a model path to a loaded model (default: ``OCRModel.load`` with the configured backend
-    and dtype); it runs on the inference thread. The configured model is named after its folder.
+    ``loader`` maps a model path to a loaded model (default: ``OCRModel.load`` with the configured backend,
+    dtype and device); it runs on the inference thread. The configured model is named after its folder.
     """
     settings = settings or load_settings(create=False)
     conf, ocr_conf, model_conf = settings["server"], settings["ocr"], settings["model"]
@@ -119,7 +119,8 @@ def create_app(settings: dict | None = None, loader: Callable[[str], Any] | None
         from dsocr_mlx.pipeline import OCRModel
 
         def loader(path: str) -> Any:
-            return OCRModel.load(path, backend=model_conf["backend"], dtype=model_conf["dtype"])
+            return OCRModel.load(path, backend=model_conf["backend"], dtype=model_conf["dtype"],
+                                 device=model_conf.get("device"))
 
     worker = InferenceWorker(models, default, loader, conf["max_queue"])
 

@@ -102,3 +102,15 @@ def test_cli_make_test_model_and_version(tmp_path):
     assert (out / "config.json").is_file() and (out / "tokenizer.json").is_file()
     again = runner.invoke(app, ["make-test-model", str(out)])
     assert again.exit_code == 1 and "already exists" in again.output
+
+
+def test_auto_dtype_on_mlx_follows_the_device(tiny_ckpt):
+    pytest.importorskip("mlx.core")
+    import mlx.core as mx
+
+    model = dsocr_mlx.load(str(tiny_ckpt), backend="mlx", dtype="auto")
+    on_cpu = mx.default_device() == mx.cpu
+    assert model.device == ("cpu" if on_cpu else "gpu")
+    assert model.dtype == ("float32" if on_cpu else "float16")  # MLX's CPU half-precision matmul is slow
+    with pytest.raises(ValueError, match="unknown dtype 'float8'"):
+        dsocr_mlx.load(str(tiny_ckpt), dtype="float8")

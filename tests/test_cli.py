@@ -57,6 +57,17 @@ def test_ocr_prints_the_library_result(env, page, tiny_ckpt, backend):
     assert result.stdout.strip() == model.ocr(page, mode="tiny", max_new_tokens=4).text.strip()
 
 
+def test_device_option(env, page):
+    pytest.importorskip("torch")
+    result = invoke("ocr", str(page), "--max-new-tokens", "4", "--device", "cpu", "--format", "json")
+    assert result.exit_code == 0, result.output  # --device picks the torch backend; dtype auto = float32 on CPU
+    assert json.loads(result.stdout)["usage"]["completion_tokens"] == 4
+    bad = invoke("ocr", str(page), *BASE, "--device", "tpu")
+    assert bad.exit_code == 1 and "unknown device 'tpu'" in bad.stderr and "Traceback" not in bad.output
+    mlx = invoke("ocr", str(page), *BASE, "--backend", "mlx", "--device", "cuda")
+    assert mlx.exit_code == 1 and "PyTorch backend's (--backend torch)" in mlx.stderr
+
+
 def test_formats_json_and_text(env, page):
     data = json.loads(invoke("ocr", str(page), *BASE, "--format", "json").stdout)
     assert data["usage"]["image_tokens"] == 73 and data["finish_reason"] == "length"

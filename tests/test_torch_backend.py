@@ -118,6 +118,88 @@ def test_moe_gather_and_grouped_paths_agree(torch_model):
     np.testing.assert_array_equal(routed.reshape(-1, x.shape[1]).numpy(), grouped.numpy())
 
 
+def decode_both_ways(model, embeds, tokens: list[int], **step_kwargs):
+    """Logits after each of ``tokens``: the dynamic cached step, and ``DecodeStep`` over its own cache."""
+    from dsocr_mlx.backends.torch.generate import DecodeStep, prefill
+
+    max_length = embeds.shape[1] + len(tokens)
+    dynamic, fixed = model.make_cache(max_length), model.make_cache(max_length)
+    with torch.inference_mode():
+        prefill(model, embeds, dynamic)
+        prefill(model, embeds, fixed)
+        step = DecodeStep(model, fixed, **step_kwargs)
+        for token in tokens:
+            want = model(torch.tensor([[token]]), dynamic)[:, -1, :].float()
+            yield want, step(token), dynamic, fixed
+
+
+def test_fixed_shape_decode_step_equals_the_dynamic_step(torch_model, inputs):
+    runtime = torch_model.runtime
+    embeds = runtime.input_embeddings(inputs, runtime.image_embeddings(inputs))
+    for n, (want, got, dynamic, fixed) in enumerate(decode_both_ways(runtime.model, embeds, [5, 900, 17, 17, 3],
+                                                                      capture=False)):
+        assert_close(got.numpy(), want.numpy(), **CACHE, what=f"fixed-shape decode step {n}")
+        assert fixed[0].offset == dynamic[0].offset == embeds.shape[1] + n + 1
+    np.testing.assert_allclose(fixed[-1].keys.numpy(), dynamic[-1].keys.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_fixed_shape_decode_in_generate_gives_the_same_tokens(torch_model, inputs):
+    from dsocr_mlx.backends.torch.generate import generate_step
+
+    runtime = torch_model.runtime
+    embeds = runtime.input_embeddings(inputs, runtime.image_embeddings(inputs))
+    prompt = inputs.input_ids.tolist()
+    runs = {graph: [t for t, _ in generate_step(prompt, runtime.model, input_embeddings=embeds, max_tokens=12,
+                                               cuda_graph=graph)] for graph in (False, True)}
+    assert runs[True] == runs[False]
+
+
+def test_decode_step_traces_as_one_graph_without_host_syncs(torch_model, inputs, monkeypatch):
+    """What CUDA graph capture needs, checked on the CPU: TorchDynamo traces the step (with the GPU's
+    gathered MoE path) as one graph, so it reads no tensor value on the host and branches on none."""
+    from dsocr_mlx.backends.torch.decoder import SwitchGLU
+    from dsocr_mlx.backends.torch.generate import DecodeStep, prefill
+
+    monkeypatch.setattr(SwitchGLU, "use_gather", lambda self, pairs, device: pairs <= self.gather_limit)
+    model = torch_model.runtime.model
+    embeds = torch_model.runtime.input_embeddings(inputs, None)[:, :20]
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        cache = model.make_cache(24)
+        prefill(model, embeds, cache)
+        step = DecodeStep(model, cache, capture=False)
+        eager = step.run()
+        traced = torch.compile(step.run, backend="eager", fullgraph=True)()
+    assert_close(traced.numpy(), eager.numpy(), **CACHE, what="traced decode step")
+
+
+def test_decode_step_refuses_a_full_cache(torch_model):
+    from dsocr_mlx.backends.torch.generate import DecodeStep, prefill
+
+    model = torch_model.runtime.model
+    with torch.inference_mode():
+        cache = model.make_cache(3)
+        with pytest.raises(ValueError, match="run the prefill first"):
+            DecodeStep(model, cache, capture=False)
+        prefill(model, model.model.embed_tokens(torch.tensor([[1, 2, 3]])), cache)
+        with pytest.raises(ValueError, match="KV cache holds 3 positions and is full"):
+            DecodeStep(model, cache, capture=False)(4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_decode_matches_eager_on_cuda(tiny_ckpt, inputs):
+    from dsocr_mlx.backends.torch.generate import generate_step
+
+    cuda = dsocr_mlx.load(str(tiny_ckpt), backend="torch", dtype="float32", device="cuda").runtime
+    embeds = cuda.input_embeddings(inputs, cuda.image_embeddings(inputs))
+    prompt = inputs.input_ids.tolist()
+    runs = {graph: [t for t, _ in generate_step(prompt, cuda.model, input_embeddings=embeds, max_tokens=16,
+                                               cuda_graph=graph)] for graph in (False, True)}
+    assert runs[True] == runs[False]
+    for n, (want, got, _, _) in enumerate(decode_both_ways(cuda.model, embeds, [5, 900, 17], capture=True)):
+        assert_close(got.cpu().numpy(), want.cpu().numpy(), **CACHE, what=f"CUDA graph decode step {n}")
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_half_precision_loads_in_that_dtype(tiny_ckpt, torch_model, inputs, dtype):
     half = dsocr_mlx.load(str(tiny_ckpt), backend="torch", dtype=dtype)
@@ -147,3 +229,33 @@ def test_backend_errors_are_clear(tiny_ckpt, monkeypatch):
     with pytest.raises(ImportError, match=r"dsocr-mlx\[torch\]"):
         dsocr_mlx.load(str(tiny_ckpt), backend="torch")
     assert backends.default_backend() in ("mlx", "torch")
+
+
+def test_auto_dtype_and_device_resolve_per_host(tiny_ckpt):
+    cpu = dsocr_mlx.load(str(tiny_ckpt), backend="torch")
+    assert (cpu.device, cpu.dtype) == ("cpu", "float32")  # half-precision matmuls are slower on a CPU
+    assert {p.dtype for p in cpu.runtime.model.parameters()} == {torch.float32}
+    named = dsocr_mlx.load(str(tiny_ckpt), backend="auto", device="cpu", dtype="auto")
+    assert (named.backend, named.device, named.dtype) == ("torch", "cpu", "float32")  # a device picks torch
+    from dsocr_mlx.backends.torch import default_dtype
+    from dsocr_mlx.config import ModelArgs
+
+    args = ModelArgs.from_file(tiny_ckpt / "config.json")
+    assert default_dtype(args, "cuda") == "bfloat16"  # the official inference dtype
+    assert default_dtype(args, "cuda:1") == "bfloat16" and default_dtype(args, "cpu") == "float32"
+
+
+@pytest.mark.parametrize(("device", "message"), [
+    ("tpu", "unknown device 'tpu'"),
+    ("mps", "on Apple Silicon use the MLX backend"),
+    ("cuda:99", "sees no CUDA GPU" if not torch.cuda.is_available() else "CUDA device"),
+])
+def test_bad_devices_are_refused_clearly(tiny_ckpt, device, message):
+    with pytest.raises(ValueError, match=message):
+        dsocr_mlx.load(str(tiny_ckpt), backend="torch", device=device)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a host without CUDA")
+def test_cuda_on_a_host_without_it_says_what_to_do(tiny_ckpt):
+    with pytest.raises(ValueError, match=r"device 'cuda' asked for, but torch .* sees no CUDA GPU; use --device cpu"):
+        dsocr_mlx.load(str(tiny_ckpt), backend="torch", device="cuda")

@@ -60,6 +60,8 @@ def time_once(model, processor, image, prompt, base_size, image_size, crop, toke
 
 def main() -> None:
     args = stage_parser(__doc__).parse_args()
+    if args.device != "cpu" or args.dtype != "float32":
+        raise SystemExit("error: this script times mlx-vlm's float32 folder on MLX's default device only")
 
     from mlx_vlm import load
     from mlx_vlm.version import __version__

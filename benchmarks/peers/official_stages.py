@@ -1,6 +1,7 @@
-"""Stage timings of the official DeepSeek-OCR code (HF remote code) on CPU in float32.
+"""Stage timings of the official DeepSeek-OCR code (HF remote code): on CPU in float32, or on CUDA in bfloat16.
 
-Runs inside the peer environment (torch CPU, transformers 4.46.3), never in ours. ``--code`` is the
+Runs inside the peer environment (torch, transformers 4.46.3), never in ours. On CUDA it runs as the
+official ``infer()`` does: weights in bfloat16 on the GPU, generation under bfloat16 autocast. ``--code`` is the
 folder holding the official ``.py`` files from the model's Hugging Face repo; they are imported from a
 temporary copy and never stored in this repository. Inputs come from the official ``infer()`` itself
 (its ``generate`` is intercepted), so preprocessing and token layout are the official ones. Prints one
@@ -83,7 +84,7 @@ def _install_torchvision_stand_in() -> None:
                         "torchvision.transforms.functional": functional})
 
 
-def import_reference(code_dir: str, scratch: str):
+def import_reference(code_dir: str, scratch: str, device: str):
     """Import the official files as a package from a temporary copy; ``.cuda()`` becomes a no-op on CPU."""
     import torch
 
@@ -97,7 +98,8 @@ def import_reference(code_dir: str, scratch: str):
         shutil.copy(os.path.join(code_dir, name), package)
     open(os.path.join(package, "__init__.py"), "w").close()
     _install_torchvision_stand_in()
-    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    if device == "cpu":
+        torch.Tensor.cuda = lambda self, *args, **kwargs: self
     sys.path.insert(0, scratch)
     return importlib.import_module(f"{PACKAGE}.modeling_deepseekocr")
 
@@ -126,14 +128,29 @@ def official_inputs(model, tokenizer, image_path, prompt, base_size, image_size,
     return captured
 
 
+def synchronize(device: str) -> None:
+    if device != "cpu":
+        import torch
+
+        torch.cuda.synchronize()
+
+
 class VisionClock:
     """Times each SAM -> projector pass (tiles first, then the global view, as the official forward runs)."""
 
-    def __init__(self, model):
-        self.spans, self._start = [], None
+    def __init__(self, model, device: str):
+        self.spans, self._start, self.device = [], None, device
         inner = model.model
-        inner.sam_model.register_forward_pre_hook(lambda *_: setattr(self, "_start", time.perf_counter()))
-        inner.projector.register_forward_hook(lambda *_: self.spans.append(time.perf_counter() - self._start))
+        inner.sam_model.register_forward_pre_hook(lambda *_: self._begin())
+        inner.projector.register_forward_hook(lambda *_: self._end())
+
+    def _begin(self) -> None:
+        synchronize(self.device)  # GPU work is asynchronous: wait for what came before
+        self._start = time.perf_counter()
+
+    def _end(self) -> None:
+        synchronize(self.device)
+        self.spans.append(time.perf_counter() - self._start)
 
 
 class TokenClock:
@@ -161,9 +178,14 @@ def time_once(model, tokenizer, vision, args, tokens):
     n_tiles = crops.shape[0] if bool(crops.abs().sum() > 0) else 0
     clock = TokenClock()
     vision.spans.clear()
+    if args.device == "cpu":
+        images, autocast = [(crops.float(), global_view.float())], contextlib.nullcontext()
+    else:  # as the official infer() calls generate on CUDA
+        images, autocast = [(crops, global_view)], torch.autocast("cuda", dtype=torch.bfloat16)
+    synchronize(args.device)
     start = time.perf_counter()
-    with torch.no_grad():
-        model.generate(inputs["input_ids"], images=[(crops.float(), global_view.float())],
+    with autocast, torch.no_grad():
+        model.generate(inputs["input_ids"], images=images,
                        images_seq_mask=inputs["images_seq_mask"], images_spatial_crop=inputs["images_spatial_crop"],
                        do_sample=False, eos_token_id=tokenizer.eos_token_id, max_new_tokens=tokens,
                        min_new_tokens=tokens, use_cache=True, streamer=clock)
@@ -201,16 +223,23 @@ def main() -> None:
 
     logging.set_verbosity_error()
     with tempfile.TemporaryDirectory() as scratch:
-        reference = import_reference(args.code, scratch)
+        reference = import_reference(args.code, scratch, args.device)
         t = time.perf_counter()
         tokenizer = AutoTokenizer.from_pretrained(args.model)
-        model = reference.DeepseekOCRForCausalLM.from_pretrained(args.model, torch_dtype=torch.float32).eval()
+        dtype = getattr(torch, args.dtype)
+        model = reference.DeepseekOCRForCausalLM.from_pretrained(args.model, torch_dtype=dtype).eval()
+        if args.device != "cpu":  # the official way: load on the CPU, then move to the GPU
+            model = model.to(args.device)
+            synchronize(args.device)
         load_s = time.perf_counter() - t
-        vision = VisionClock(model)
+        vision = VisionClock(model, args.device)
         time_once(model, tokenizer, vision, args, min(args.tokens, 4))  # warm-up
         runs = [time_once(model, tokenizer, vision, args, args.tokens) for _ in range(args.trials)]
-    print_summary("official (HF, torch CPU)", {"torch": torch.__version__, "transformers": transformers.__version__},
-                  load_s, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9, runs)
+    if args.device == "cpu":
+        name, peak = "official (HF, torch CPU)", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+    else:
+        name, peak = f"official (HF, torch {args.device})", torch.cuda.max_memory_allocated() / 1e9
+    print_summary(name, {"torch": torch.__version__, "transformers": transformers.__version__}, load_s, peak, runs)
 
 
 if __name__ == "__main__":

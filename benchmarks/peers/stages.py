@@ -11,7 +11,8 @@ import statistics
 
 
 def stage_parser(description: str) -> argparse.ArgumentParser:
-    """The arguments ``bench_peers.py`` passes to every peer: model, image, prompt, mode, tokens, trials."""
+    """The arguments ``bench_peers.py`` passes to every peer: model, image, prompt, mode, tokens, trials,
+    and for the torch peers the device and dtype."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--model", required=True)
     parser.add_argument("--image", required=True)
@@ -21,6 +22,8 @@ def stage_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--crop", action="store_true")
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--trials", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (torch peers)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     return parser
 
 

@@ -1,4 +1,4 @@
-"""Backends run the same model: MLX (Apple Silicon, or CPU on Linux) and, later, PyTorch.
+"""Backends run the same model: MLX (Apple Silicon, or CPU on Linux) and PyTorch (CPU and CUDA).
 
 Each is imported lazily, so ``import dsocr_mlx`` pulls in neither mlx nor torch.
 """
@@ -26,14 +26,16 @@ def _openblas_loaded() -> bool:
         return False
 
 
-def default_backend() -> str:
-    """What ``auto`` means on this host.
+def default_backend(device: str | None = None) -> str:
+    """What ``auto`` means on this host, or for ``device`` (naming a device picks PyTorch, whose option it is).
 
     MLX on Apple Silicon; PyTorch on CUDA hosts. On other hosts (CPU only) PyTorch when installed, unless
     OpenBLAS is preloaded into this process: that preload is what MLX's CPU backend needs (float32 matmul
     about 18x faster than its reference BLAS) and it slows PyTorch's own MKL kernels by 2 to 2.5x, so MLX
     is the faster of the two there. Measurements in README ("PyTorch backend").
     """
+    if device not in (None, "auto"):
+        return "torch"
     if sys.platform == "darwin" and platform.machine() == "arm64":
         return "mlx"
     if importlib.util.find_spec("torch") is not None:
@@ -44,10 +46,10 @@ def default_backend() -> str:
     return "mlx"
 
 
-def get_backend(name: str) -> Any:
+def get_backend(name: str, device: str | None = None) -> Any:
     """The backend module for ``name`` (or ``auto``), with a clear error when it or its framework is missing."""
     if name == "auto":
-        name = default_backend()
+        name = default_backend(device)
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}: available backends are {', '.join(BACKENDS)}")
     module, framework, hint = BACKENDS[name]
@@ -59,7 +61,10 @@ def get_backend(name: str) -> Any:
     return importlib.import_module(module)
 
 
-def check_dtype(dtype: str) -> str:
+def check_dtype(dtype: str | None) -> str | None:
+    """``dtype``, or None for ``auto``/None (the backend picks); else a clear error."""
+    if dtype in (None, "auto"):
+        return None
     if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+        raise ValueError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)} or auto")
     return dtype

@@ -109,10 +109,21 @@ def load_model(folder: str | Path, args: ModelArgs, dtype: str = "float16", for_
     return model
 
 
-def default_dtype(args: ModelArgs) -> str | None:
-    """float32 for quantized folders on MLX's CPU backend: its half-precision quantized matmul is ~50x
-    slower there, and upcasting the scales is lossless."""
-    return "float32" if args.quantization and mx.default_device() == mx.cpu else None
+def resolve_device(device: str | None) -> str:
+    """``gpu`` (Metal) or ``cpu``, the device MLX runs on here; naming another one is an error."""
+    current = "gpu" if mx.default_device() == mx.gpu else "cpu"
+    if device in (None, "auto", current):
+        return current
+    raise ValueError(f"the MLX backend runs on this machine's {current}, not {device!r}: devices such as cpu, "
+                     "cuda or cuda:N are the PyTorch backend's (--backend torch)")
+
+
+def default_dtype(args: ModelArgs, device: str) -> str:
+    """float32 on MLX's CPU backend, whose half-precision matmuls (quantized ones too) are many times slower
+    than float32 (upcasting is lossless); on the GPU the dtype a converted folder was written in, else float16."""
+    if device == "cpu":
+        return "float32"
+    return args.converted_dtype or "float16"
 
 
 class Runtime:
@@ -123,9 +134,11 @@ class Runtime:
     def __init__(self, model: Model, dtype: str):
         self.model = model
         self.dtype = dtype
+        self.device = resolve_device(None)
 
     @classmethod
-    def load(cls, folder: str | Path, args: ModelArgs, dtype: str) -> Runtime:
+    def load(cls, folder: str | Path, args: ModelArgs, dtype: str, device: str | None = None) -> Runtime:
+        resolve_device(device)
         return cls(load_model(folder, args, dtype), dtype)
 
     def image_embeddings(self, inputs: ProcessedInputs) -> mx.array | None:

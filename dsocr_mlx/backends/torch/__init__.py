@@ -56,13 +56,43 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def resolve_device(device: str | None) -> str:
+    """``device`` checked (``cpu``, ``cuda``, ``cuda:N``), or the default one for None/``auto``."""
+    if device in (None, "auto"):
+        return default_device()
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}: use cpu, cuda or cuda:N") from None
+    if parsed.type not in ("cpu", "cuda"):
+        hint = "; on Apple Silicon use the MLX backend" if parsed.type == "mps" else ""
+        raise ValueError(f"the PyTorch backend runs on cpu or cuda, not {device!r}{hint}")
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            build = f"built with CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+            raise ValueError(f"device {device!r} asked for, but torch {torch.__version__} ({build}) sees no CUDA "
+                             "GPU; use --device cpu, or install a CUDA build of torch on a machine with a GPU")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r} asked for, but only {torch.cuda.device_count()} CUDA device(s) "
+                             "are visible")
+    return str(parsed)
+
+
+def default_dtype(args: ModelArgs, device: str) -> str:
+    """On CUDA the dtype a converted folder was written in, else bfloat16 (the official inference dtype);
+    float32 on the CPU, where half-precision matmuls are slower."""
+    if device.startswith("cuda"):
+        return args.converted_dtype or "bfloat16"
+    return "float32"
+
+
 def load_model(folder: str | Path, args: ModelArgs, dtype: str = "float32", device: str | None = None) -> Model:
     """Build the model on the meta device and fill it strictly, each tensor copied onto ``device`` in ``dtype``.
 
     Nothing is materialised twice: no float32 copy on the CPU before moving to the GPU, and no per-expert
     tensors beside the stacked ones (peak memory is the weights plus the largest single tensor).
     """
-    device = device or default_device()
+    device = resolve_device(device)
     files = weight_files(folder)
     names = safetensors_shapes(files)
     source = f"the checkpoint in {folder}"
@@ -108,7 +138,7 @@ class Runtime:
 
     @classmethod
     def load(cls, folder: str | Path, args: ModelArgs, dtype: str, device: str | None = None) -> Runtime:
-        device = device or default_device()
+        device = resolve_device(device)
         return cls(load_model(folder, args, dtype, device), dtype, device)
 
     def _pixels(self, array: np.ndarray) -> torch.Tensor:

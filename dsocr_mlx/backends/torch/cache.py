@@ -50,5 +50,32 @@ class KVCache:
         return n
 
 
+class FixedShapeView:
+    """One layer's preallocated buffers seen at a position held on the device (for CUDA graphs).
+
+    Writes go to ``offset`` with ``index_copy_`` and reads return the whole buffer with a mask of the
+    visible keys, so a decode step has the same shapes and reads no host value at every position.
+    """
+
+    def __init__(self, cache: KVCache, position: torch.Tensor):
+        if cache.keys is None:
+            raise ValueError("a fixed-shape view needs a cache whose buffers are allocated (run the prefill first)")
+        self.cache = cache
+        self.offset = position  # (1,) int64, shared by all layers
+
+    def update_and_fetch(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write ``keys``/``values`` at ``offset`` and return the whole buffers."""
+        positions = self.offset + torch.arange(keys.shape[2], device=keys.device)
+        self.cache.keys.index_copy_(2, positions, keys)
+        self.cache.values.index_copy_(2, positions, values)
+        return self.cache.keys, self.cache.values
+
+    def mask(self, length: int) -> torch.Tensor:
+        """``(length, T)`` booleans: query ``i`` sees the keys at positions up to ``offset + i``."""
+        device = self.offset.device
+        visible = self.offset + torch.arange(length, device=device)
+        return torch.arange(self.cache.keys.shape[2], device=device)[None, :] <= visible[:, None]
+
+
 def make_cache(num_layers: int, max_length: int | None = None) -> list[KVCache]:
     return [KVCache(max_length) for _ in range(num_layers)]

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...config import TextArgs
+from .cache import FixedShapeView
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -16,11 +17,14 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def rope(x: torch.Tensor, theta: float, offset: int) -> torch.Tensor:
-    """Half-split rotary embedding at positions ``offset..offset+L-1``; angles in float32 as the reference."""
+def rope(x: torch.Tensor, theta: float, offset: int | torch.Tensor) -> torch.Tensor:
+    """Half-split rotary embedding at positions ``offset..offset+L-1``; angles in float32 as the reference.
+
+    ``offset`` may be a ``(1,)`` device tensor, so that a captured decode step reads it at replay.
+    """
     L, dim = x.shape[-2], x.shape[-1]
     inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, device=x.device, dtype=torch.float32) / dim))
-    t = torch.arange(offset, offset + L, device=x.device, dtype=torch.float32)
+    t = offset + torch.arange(L, device=x.device, dtype=torch.float32)
     freqs = torch.outer(t, inv_freq)
     emb = torch.cat((freqs, freqs), dim=-1)
     cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
@@ -65,13 +69,17 @@ class Attention(nn.Module):
         k = rope(k, self.rope_theta, offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
+        causal = False
         gqa = self.num_heads != self.num_kv_heads
-        if mask == "causal" and k.shape[2] == L:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=gqa)
-        else:
-            if mask == "causal":  # a chunk after cached positions: row i sees keys up to offset + i
-                mask = torch.ones(L, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - L)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=gqa)
+        if isinstance(cache, FixedShapeView):
+            mask = cache.mask(L)
+        elif mask == "causal" and k.shape[2] == L:
+            mask = None
+            causal = True
+        elif mask == "causal":  # a chunk after cached positions: row i sees keys up to offset + i
+            mask = torch.ones(L, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - L)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale,
+                                             enable_gqa=gqa)
         return self.o_proj(out.transpose(1, 2).reshape(B, L, -1))
 
 
@@ -97,7 +105,7 @@ class SwitchLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """``x (N, in)`` through expert ``indices[n]`` each: reads only the selected experts' weights."""
-        return torch.bmm(self.weight[indices], x[:, :, None])[:, :, 0]
+        return torch.bmm(self.weight.index_select(0, indices), x[:, :, None])[:, :, 0]
 
 
 class SwitchGLU(nn.Module):
@@ -117,10 +125,13 @@ class SwitchGLU(nn.Module):
         """``x (..., D)``, ``indices (..., k)`` -> ``(..., k, D)``."""
         lead, k, D = indices.shape[:-1], indices.shape[-1], x.shape[-1]
         flat = indices.reshape(-1)
-        rows = x.reshape(-1, D).repeat_interleave(k, dim=0)  # one row per (token, expert) pair
-        if flat.numel() <= self.gather_limit and x.device.type != "cpu":
+        rows = x.reshape(-1, 1, D).expand(-1, k, D).reshape(-1, D)  # one row per (token, expert) pair
+        if self.use_gather(flat.numel(), x.device):
             return self.gathered(rows, flat).reshape(*lead, k, D)
         return self.grouped(rows, flat).reshape(*lead, k, D)
+
+    def use_gather(self, pairs: int, device: torch.device) -> bool:
+        return pairs <= self.gather_limit and device.type != "cpu"
 
     def gathered(self, rows: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
         """Row ``n`` through expert ``flat[n]``, with the selected experts' weights gathered."""

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
 from ...sampling import SamplingParams, banned_ngram_tokens
+from .cache import FixedShapeView, KVCache
 from .model import Model
 
 Sampler = Callable[[torch.Tensor], torch.Tensor]
@@ -85,6 +87,79 @@ def prefill(model: Model, input_embeddings: torch.Tensor, cache: list, step_size
     return model.lm_head(hidden[:, -1, :]).float()
 
 
+def cuda_graphs_enabled(device: torch.device) -> bool:
+    """Decode through a CUDA graph on CUDA devices, unless ``DSOCR_CUDA_GRAPHS=0``."""
+    return device.type == "cuda" and os.environ.get("DSOCR_CUDA_GRAPHS", "1") != "0"
+
+
+class DecodeStep:
+    """One decode step at fixed shapes over the preallocated cache, replayed as a CUDA graph when captured.
+
+    At batch 1 a step launches several hundred small kernels; replaying them as one graph removes the
+    per-kernel launch cost that otherwise bounds decode speed on a GPU. The token and position are device
+    tensors written before each replay, the keys and values go into the cache's buffers in place, and the
+    logits come back in a buffer owned by the graph. Uncaptured (``capture=False``) it runs the same
+    fixed-shape step eagerly, which is how it is tested without a GPU.
+    """
+
+    warmup_steps = 2  # eager runs on a side stream before capture, as the CUDA graph docs advise
+
+    def __init__(self, model: Model, cache: list[KVCache], capture: bool):
+        device = model.lm_head.weight.device
+        self.model = model
+        self.cache = cache
+        self.token = torch.zeros((1, 1), dtype=torch.long, device=device)
+        self.position = torch.zeros((1,), dtype=torch.long, device=device)
+        self.views = [FixedShapeView(c, self.position) for c in cache]
+        self.capture = capture
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: torch.Tensor | None = None
+
+    def run(self) -> torch.Tensor:
+        return self.model(self.token, self.views)[:, -1, :].float()
+
+    def __call__(self, token: int) -> torch.Tensor:
+        """The float32 logits ``(1, V)`` after ``token``, written at the cache's next position."""
+        position = self.cache[0].offset
+        if position >= self.cache[0].keys.shape[2]:
+            raise ValueError(f"the KV cache holds {self.cache[0].keys.shape[2]} positions and is full")
+        self.token.fill_(token)
+        self.position.fill_(position)
+        if self.graph is not None:
+            self.graph.replay()
+            logits = self.logits.clone()
+        elif self.capture:
+            logits = self._capture()
+        else:
+            logits = self.run()
+        for c in self.cache:
+            c.offset += 1
+        return logits
+
+    def _capture(self) -> torch.Tensor:
+        """Warm up, capture and replay once, checked against the eager step; eager from then on if anything fails."""
+        self.capture = False
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(self.warmup_steps):  # each rewrites the same keys and values at this position
+                eager = self.run()
+        torch.cuda.current_stream().wait_stream(stream)
+        try:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self.logits = self.run()
+            graph.replay()
+            if not torch.allclose(self.logits, eager, rtol=1e-3, atol=1e-3):
+                raise RuntimeError("the replayed step's logits differ from the eager step's")
+        except RuntimeError as e:
+            warnings.warn(f"CUDA graph capture of the decode step failed ({e}); decoding eagerly", stacklevel=3)
+            self.logits = None
+            return eager
+        self.graph = graph
+        return self.logits.clone()
+
+
 @torch.inference_mode()
 def generate_step(
     prompt: Sequence[int],
@@ -95,6 +170,7 @@ def generate_step(
     sampler: Sampler | None = None,
     logits_processors: Sequence[LogitsProcessor] = (),
     prefill_step_size: int = 512,
+    cuda_graph: bool | None = None,
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield ``(token, logits)`` per generated token; the caller decides when to stop.
 
@@ -106,6 +182,8 @@ def generate_step(
         sampler: maps float32 logits ``(1, V)`` to a token id; greedy when None.
         logits_processors: callables ``(token_ids, logits) -> logits`` applied in order.
         prefill_step_size: prompt positions per prefill chunk.
+        cuda_graph: decode through a captured CUDA graph (``DecodeStep``); by default on CUDA devices unless
+            ``DSOCR_CUDA_GRAPHS=0``. True on the CPU runs the same fixed-shape step eagerly.
 
     Yields:
         The token id and the float32 logits it was chosen from (after the processors).
@@ -115,14 +193,19 @@ def generate_step(
     # Preallocated once for the whole run: no reallocation while decoding.
     cache = model.make_cache(max_length=input_embeddings.shape[1] + max_tokens)
     device = input_embeddings.device
+    if cuda_graph is None:
+        cuda_graph = cuda_graphs_enabled(device)
 
     logits = prefill(model, input_embeddings, cache, prefill_step_size)
+    decode = DecodeStep(model, cache, capture=device.type == "cuda") if cuda_graph else None
     for n in range(max_tokens):
         for processor in logits_processors:
             logits = processor(tokens, logits)
         token = int(sampler(logits).item())
         tokens.append(token)
         yield token, logits
-        if n + 1 < max_tokens:
+        if n + 1 < max_tokens and decode is not None:
+            logits = decode(token)
+        elif n + 1 < max_tokens:
             step = torch.tensor([[token]], device=device)
             logits = model(step, cache)[:, -1, :].float()
