@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -171,6 +173,68 @@ def test_decode_step_traces_as_one_graph_without_host_syncs(torch_model, inputs,
         eager = step.run()
         traced = torch.compile(step.run, backend="eager", fullgraph=True)()
     assert_close(traced.numpy(), eager.numpy(), **CACHE, what="traced decode step")
+
+
+class ReplayStandIn:
+    """Stands in for a captured CUDA graph on the CPU: replay recomputes the step into the output buffer,
+    optionally with the position frozen at its first value (a host value captured as a constant)."""
+
+    def __init__(self, step, frozen_position: bool):
+        self.step, self.frozen = step, frozen_position
+        self.first = None
+
+    def replay(self):
+        position = self.step.position.clone()
+        if self.frozen:
+            self.first = position if self.first is None else self.first
+            self.step.position.copy_(self.first)
+        self.step.logits.copy_(self.step.run())
+        self.step.position.copy_(position)
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_replays_are_checked_against_the_eager_step(torch_model, inputs, frozen):
+    from dsocr_mlx.backends.torch.generate import DecodeStep, prefill
+
+    model = torch_model.runtime.model
+    embeds = torch_model.runtime.input_embeddings(inputs, None)[:, :20]
+    tokens = [5, 900, 17, 3]
+    with torch.inference_mode(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        reference = model.make_cache(24)
+        prefill(model, embeds, reference)
+        want = [model(torch.tensor([[t]]), reference)[:, -1, :].float() for t in tokens]
+        cache = model.make_cache(24)
+        prefill(model, embeds, cache)
+        step = DecodeStep(model, cache, capture=False)
+        step.logits = torch.zeros_like(want[0])
+        step.graph = ReplayStandIn(step, frozen)
+        got = [step(t) for t in tokens]
+    for n, (g, w) in enumerate(zip(got, want)):
+        assert_close(g.numpy(), w.numpy(), **CACHE, what=f"step {n}")
+    assert (step.graph is None) == frozen  # a replay stuck at one position is caught at the second one
+    assert any("disagrees with the eager step" in str(w.message) for w in caught) == frozen
+    assert step.checks_left == 0
+
+
+def test_a_failed_capture_decodes_eagerly(torch_model, inputs):
+    from dsocr_mlx.backends.torch.generate import DecodeStep, prefill
+
+    model = torch_model.runtime.model
+    embeds = torch_model.runtime.input_embeddings(inputs, None)[:, :20]
+    with torch.inference_mode():
+        reference = model.make_cache(22)
+        prefill(model, embeds, reference)
+        want = model(torch.tensor([[7]]), reference)[:, -1, :].float()
+        cache = model.make_cache(22)
+        prefill(model, embeds, cache)
+        step = DecodeStep(model, cache, capture=True)
+        if torch.cuda.is_available():
+            pytest.skip("capture works where CUDA is available")
+        with pytest.warns(UserWarning, match="CUDA graph capture of the decode step failed"):
+            got = step(7)
+    assert step.graph is None and not step.capture
+    assert_close(got.numpy(), want.numpy(), **CACHE, what="eager after a failed capture")
 
 
 def test_decode_step_refuses_a_full_cache(torch_model):

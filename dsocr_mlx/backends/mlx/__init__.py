@@ -119,9 +119,10 @@ def resolve_device(device: str | None) -> str:
 
 
 def default_dtype(args: ModelArgs, device: str) -> str:
-    """float32 on MLX's CPU backend, whose half-precision matmuls (quantized ones too) are many times slower
-    than float32 (upcasting is lossless); on the GPU the dtype a converted folder was written in, else float16."""
-    if device == "cpu":
+    """The dtype a converted float folder was written in; else float16 on the GPU and float32 on MLX's CPU
+    backend, whose half-precision matmuls are many times slower. Quantized folders compute in float32 on
+    the CPU (half-precision quantized matmul is ~50x slower there, and upcasting the scales is lossless)."""
+    if device == "cpu" and (args.quantization or not args.converted_dtype):
         return "float32"
     return args.converted_dtype or "float16"
 

@@ -79,11 +79,11 @@ def resolve_device(device: str | None) -> str:
 
 
 def default_dtype(args: ModelArgs, device: str) -> str:
-    """On CUDA the dtype a converted folder was written in, else bfloat16 (the official inference dtype);
-    float32 on the CPU, where half-precision matmuls are slower."""
-    if device.startswith("cuda"):
-        return args.converted_dtype or "bfloat16"
-    return "float32"
+    """The dtype a converted folder was written in; else bfloat16 on CUDA (the official inference dtype)
+    and float32 on the CPU, where half-precision matmuls are slower."""
+    if args.converted_dtype:
+        return args.converted_dtype
+    return "bfloat16" if device.startswith("cuda") else "float32"
 
 
 def load_model(folder: str | Path, args: ModelArgs, dtype: str = "float32", device: str | None = None) -> Model:

@@ -87,9 +87,10 @@ def prefill(model: Model, input_embeddings: torch.Tensor, cache: list, step_size
     return model.lm_head(hidden[:, -1, :]).float()
 
 
-def cuda_graphs_enabled(device: torch.device) -> bool:
-    """Decode through a CUDA graph on CUDA devices, unless ``DSOCR_CUDA_GRAPHS=0``."""
-    return device.type == "cuda" and os.environ.get("DSOCR_CUDA_GRAPHS", "1") != "0"
+def cuda_graphs_enabled(device: torch.device, max_tokens: int) -> bool:
+    """Decode through a CUDA graph on CUDA devices, unless ``DSOCR_CUDA_GRAPHS=0`` or the run is too short to
+    repay the capture (about five eager steps: two warm-ups, the capture and two checked replays)."""
+    return device.type == "cuda" and max_tokens > 8 and os.environ.get("DSOCR_CUDA_GRAPHS", "1") != "0"
 
 
 class DecodeStep:
@@ -103,6 +104,7 @@ class DecodeStep:
     """
 
     warmup_steps = 2  # eager runs on a side stream before capture, as the CUDA graph docs advise
+    checked_replays = 2  # the first replays are compared with the eager step, at two different positions
 
     def __init__(self, model: Model, cache: list[KVCache], capture: bool):
         device = model.lm_head.weight.device
@@ -114,6 +116,8 @@ class DecodeStep:
         self.capture = capture
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
+        self.checks_left = self.checked_replays
+        self._kept: tuple[int, list[tuple[torch.Tensor, torch.Tensor]]] | None = None
 
     def run(self) -> torch.Tensor:
         return self.model(self.token, self.views)[:, -1, :].float()
@@ -125,39 +129,63 @@ class DecodeStep:
             raise ValueError(f"the KV cache holds {self.cache[0].keys.shape[2]} positions and is full")
         self.token.fill_(token)
         self.position.fill_(position)
-        if self.graph is not None:
+        if self.capture:
+            self._capture()
+        if self.graph is None:
+            logits = self.run()
+        else:
             self.graph.replay()
             logits = self.logits.clone()
-        elif self.capture:
-            logits = self._capture()
-        else:
-            logits = self.run()
+            if self.checks_left:
+                logits = self._check(logits)
         for c in self.cache:
             c.offset += 1
         return logits
 
-    def _capture(self) -> torch.Tensor:
-        """Warm up, capture and replay once, checked against the eager step; eager from then on if anything fails."""
+    def _capture(self) -> None:
+        """Warm up on a side stream, then capture the step; on any failure the eager step stays."""
         self.capture = False
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(self.warmup_steps):  # each rewrites the same keys and values at this position
-                eager = self.run()
-        torch.cuda.current_stream().wait_stream(stream)
         try:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(self.warmup_steps):  # each rewrites the same keys and values at this position
+                    self.run()
+            torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 self.logits = self.run()
-            graph.replay()
-            if not torch.allclose(self.logits, eager, rtol=1e-3, atol=1e-3):
-                raise RuntimeError("the replayed step's logits differ from the eager step's")
-        except RuntimeError as e:
+            self.graph = graph
+        except Exception as e:  # capture failed: the eager step computes the same thing
             warnings.warn(f"CUDA graph capture of the decode step failed ({e}); decoding eagerly", stacklevel=3)
-            self.logits = None
-            return eager
-        self.graph = graph
-        return self.logits.clone()
+            self.graph, self.logits = None, None
+
+    def _check(self, replayed: torch.Tensor) -> torch.Tensor:
+        """Compare a replay with the eager step at the same position; eager from then on if they differ.
+
+        A host value captured as a constant by mistake shows at the second position at the latest. Such a
+        replay may have written its keys and values at the capture position instead of this one: that
+        position's entries are kept from the first (matching) check and put back; the eager step then
+        rewrites this position's.
+        """
+        self.checks_left -= 1
+        eager = self.run()
+        position = int(self.cache[0].offset)
+        if (replayed - eager).abs().max() <= 1e-2 * eager.abs().max():
+            if self.checks_left:
+                self._kept = position, [(c.keys[..., position, :].clone(), c.values[..., position, :].clone())
+                                        for c in self.cache]
+            return replayed
+        warnings.warn("the CUDA graph of the decode step disagrees with the eager step; decoding eagerly",
+                      stacklevel=3)
+        if self._kept is not None:
+            kept_position, entries = self._kept
+            for c, (k, v) in zip(self.cache, entries):
+                c.keys[..., kept_position, :] = k
+                c.values[..., kept_position, :] = v
+            eager = self.run()
+        self.graph, self.logits, self._kept = None, None, None
+        return eager
 
 
 @torch.inference_mode()
@@ -182,8 +210,9 @@ def generate_step(
         sampler: maps float32 logits ``(1, V)`` to a token id; greedy when None.
         logits_processors: callables ``(token_ids, logits) -> logits`` applied in order.
         prefill_step_size: prompt positions per prefill chunk.
-        cuda_graph: decode through a captured CUDA graph (``DecodeStep``); by default on CUDA devices unless
-            ``DSOCR_CUDA_GRAPHS=0``. True on the CPU runs the same fixed-shape step eagerly.
+        cuda_graph: decode through a captured CUDA graph (``DecodeStep``); by default on CUDA devices for runs
+            of more than 8 tokens, unless ``DSOCR_CUDA_GRAPHS=0``. True on the CPU runs the same fixed-shape
+            step eagerly.
 
     Yields:
         The token id and the float32 logits it was chosen from (after the processors).
@@ -194,7 +223,7 @@ def generate_step(
     cache = model.make_cache(max_length=input_embeddings.shape[1] + max_tokens)
     device = input_embeddings.device
     if cuda_graph is None:
-        cuda_graph = cuda_graphs_enabled(device)
+        cuda_graph = cuda_graphs_enabled(device, max_tokens)
 
     logits = prefill(model, input_embeddings, cache, prefill_step_size)
     decode = DecodeStep(model, cache, capture=device.type == "cuda") if cuda_graph else None
