@@ -99,6 +99,12 @@ def parse_blocks(raw: str, width: int, height: int, page: int = 0) -> list[Block
     return blocks
 
 
+def is_figure(span: str) -> bool:
+    """Whether the official clean-up turns a span into a figure link: the span's text holds
+    ``<|ref|>image<|/ref|>`` anywhere (its label is ``image``, or a nested span's is)."""
+    return "<|ref|>image<|/ref|>" in span
+
+
 def clean_markdown(raw: str, image_prefix: str = "", pdf_page: bool = False) -> str:
     """The official post-processing: figure spans become ``![](images/N.jpg)`` links, other spans go.
 
@@ -107,8 +113,8 @@ def clean_markdown(raw: str, image_prefix: str = "", pdf_page: bool = False) -> 
     """
     text = raw
     figures, others = [], []
-    for start, end, label, _ in find_spans(raw):
-        (figures if label == "image" else others).append(raw[start:end])
+    for start, end, _, _ in find_spans(raw):
+        (figures if is_figure(raw[start:end]) else others).append(raw[start:end])
     for i, span in enumerate(figures):
         text = text.replace(span, f"![](images/{image_prefix}{i}.jpg)\n")
     for span in others:

@@ -168,6 +168,8 @@ ADVERSARIAL = st.lists(st.one_of(st.sampled_from(FRAGMENTS), st.text(max_size=6)
 @example(raw=span("image", "__import__('os').system('echo pwned')"), width=10, height=10)
 @example(raw=span("text", "[[1, 2, 3, 4]] + [[eval('1'), 0, 0, 0]]"), width=10, height=10)
 @example(raw=span("x", "[[" + "9" * 300 + ", 0, 1, 1]]"), width=10, height=10)
+# A figure by the official rule: its span holds "<|ref|>image<|/ref|>", here before a nested span's label.
+@example(raw="<|ref|>image<|/ref|><|ref|>text<|/ref|><|det|><|/det|>[[", width=1, height=1)
 def test_adversarial_never_raises_or_evaluates(raw, width, height):
     with no_code_execution():
         blocks = parse_blocks(raw, width, height)
