@@ -12,7 +12,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
-__all__ = ["load", "OCRModel", "OCRResult", "ProcessedInputs", "__version__"]
+__all__ = ["load", "OCRModel", "OCROptions", "OCRResult", "OptionError", "ProcessedInputs", "__version__"]
+
+from .options import OCROptions, OptionError  # no heavy imports
 
 if TYPE_CHECKING:
     from .pipeline import OCRModel, OCRResult

@@ -7,9 +7,9 @@ import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from . import pdf
+from .options import OCROptions
 from .pipeline import OCRModel, OCRResult, join_pages, save_pdf_results
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
@@ -71,13 +71,14 @@ class ItemOutcome:
     exception: BaseException | None = None  # for --verbose tracebacks
 
 
-def run_items(model: OCRModel, items: list[Item], out: Path | None, overwrite: bool, pages: str | None, dpi: int,
-              ocr_kwargs: dict[str, Any], on_page: Callable[[Item, OCRResult], None] | None = None,
-              on_delta: Callable[[str], None] | None = None) -> Iterator[ItemOutcome]:
+def run_items(model: OCRModel, items: list[Item], options: OCROptions, out: Path | None = None,
+              overwrite: bool = False, pages: str | None = None,
+              on_page: Callable[[Item, OCRResult], None] | None = None,
+              on_text: Callable[[str], None] | None = None) -> Iterator[ItemOutcome]:
     """OCR every item in turn (pages one by one); a failing item is reported and the others go on.
 
     With ``out``, each item's artefacts go to their own folder; existing results are kept unless
-    ``overwrite``. ``on_delta`` streams the text of a single image as it is generated.
+    ``overwrite``. ``on_text`` streams the text of images as it is generated.
     """
     used: set[Path] = set()
     for item in items:
@@ -95,14 +96,14 @@ def run_items(model: OCRModel, items: list[Item], out: Path | None, overwrite: b
                 continue
         try:
             if item.is_pdf:
-                for result in model.ocr_many([item.path], pages=pages, dpi=dpi, **ocr_kwargs):
+                for result in model.ocr_many([item.path], options=options, pages=pages):
                     outcome.results.append(result)
                     if on_page:
                         on_page(item, result)
                 if outcome.folder is not None:
                     save_pdf_results(outcome.results, outcome.folder, item.path.stem, overwrite=True)
             else:
-                result = _one_image(model, item.path, ocr_kwargs, on_delta)
+                result = model.ocr(item.path, options=options, on_text=on_text, source=str(item.path))
                 outcome.results.append(result)
                 if on_page:
                     on_page(item, result)
@@ -111,12 +112,6 @@ def run_items(model: OCRModel, items: list[Item], out: Path | None, overwrite: b
         except (ValueError, FileNotFoundError, OSError) as e:
             outcome.error, outcome.exception = str(e), e
         yield outcome
-
-
-def _one_image(model: OCRModel, path: Path, kwargs: dict[str, Any], on_delta) -> OCRResult:
-    result = model.ocr(path, **kwargs, on_text=on_delta)
-    result.source = str(path)
-    return result
 
 
 def render(outcome: ItemOutcome, fmt: str) -> str:

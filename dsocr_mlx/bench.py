@@ -21,8 +21,9 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from . import __version__, grounding
-from .pipeline import OCRModel, build_prompt
+from . import __version__
+from .options import OCROptions
+from .pipeline import OCRModel
 
 STAGES = ("preprocess_s", "vision_global_s", "vision_per_tile_s", "vision_s", "prefill_tps", "ttft_s", "decode_tps",
           "postprocess_s")
@@ -46,52 +47,49 @@ def peak_memory_gb(model: OCRModel) -> float:
 
         if mx.metal.is_available():
             return mx.get_peak_memory() / 1e9
-    if model.backend == "torch" and getattr(model.runtime, "device", "cpu") == "cuda":
+    if model.backend == "torch" and model.device.startswith("cuda"):
         import torch
 
-        return torch.cuda.max_memory_allocated() / 1e9
+        return torch.cuda.max_memory_allocated(model.device) / 1e9
     return rss * 1.073741824  # GiB -> GB
 
 
-def time_once(model: OCRModel, image: Image.Image, mode: str, tokens: int, task: str = "free") -> dict[str, float]:
-    """One run of every stage.
+def bench_options(mode: str, tokens: int) -> OCROptions:
+    """Exactly ``tokens`` tokens of the free task: EOS, loop detection and the n-gram ban off."""
+    return OCROptions(task="free", mode=mode, max_new_tokens=tokens, ignore_eos=True, detect_loops=False,
+                      retry_on_repetition=False, no_repeat_ngram_size=0)
+
+
+def time_once(model: OCRModel, image: Image.Image, options: OCROptions) -> dict[str, float]:
+    """One run of every stage through :meth:`OCRModel.stream_ocr`, as ``dsocr ocr`` runs them.
 
     Time to first token is what a user waits for: preprocessing, vision, prefill and the first step.
+    The global view is also encoded alone, so that the tiles' share of vision can be told apart.
     """
-    runtime = model.runtime
-    t0 = time.perf_counter()
-    inputs = model.prepare(image, build_prompt(task=task), mode)
-    t1 = time.perf_counter()
+    inputs = model.prepare(image, options.prompt_text, options.mode)
     n_tiles = inputs.crop_pixels.shape[0]
-    if n_tiles:  # the global view alone, so that the tiles' share can be told apart
-        global_only = replace(inputs, crop_pixels=inputs.crop_pixels[:0],
-                              images_spatial_crop=np.ones_like(inputs.images_spatial_crop))
-        runtime.to_numpy(runtime.image_embeddings(global_only))
-    t2 = time.perf_counter()
-    embeddings = runtime.image_embeddings(inputs)
-    runtime.to_numpy(embeddings)
-    t3 = time.perf_counter()
-    ids, start, first = [], time.perf_counter(), None
-    for token in runtime.generate(inputs, embeddings, tokens):
-        ids.append(token)
-        first = first or time.perf_counter()
-    end = time.perf_counter()
-    raw = model.tokenizer.decode(ids)
-    grounding.parse_blocks(raw, image.width, image.height)
-    grounding.clean_markdown(raw)
-    t5 = time.perf_counter()
-    vision, vision_global = t3 - t2, (t2 - t1 if n_tiles else t3 - t2)
+    vision_global = None
+    if n_tiles:
+        model.clear_vision_cache()
+        t = time.perf_counter()
+        model.image_embeddings(replace(inputs, crop_pixels=inputs.crop_pixels[:0],
+                                       images_spatial_crop=np.ones_like(inputs.images_spatial_crop)))
+        vision_global = time.perf_counter() - t
+    model.clear_vision_cache()
+    result = model.ocr(image, options=options)
+    t = result.timings
+    vision_global = t["vision"] if vision_global is None else vision_global
     return {
-        "preprocess_s": t1 - t0,
+        "preprocess_s": t["preprocess"],
         "vision_global_s": vision_global,
-        "vision_per_tile_s": max(vision - vision_global, 0.0) / n_tiles if n_tiles else 0.0,
-        "vision_s": vision,
-        "prefill_tps": len(inputs.input_ids) / (first - start),
-        "ttft_s": (t1 - t0) + vision + (first - start),
-        "decode_tps": (len(ids) - 1) / (end - first) if len(ids) > 1 else 0.0,
-        "postprocess_s": t5 - end,
-        "prompt_tokens": len(inputs.input_ids),
-        "image_tokens": inputs.num_image_tokens,
+        "vision_per_tile_s": max(t["vision"] - vision_global, 0.0) / n_tiles if n_tiles else 0.0,
+        "vision_s": t["vision"],
+        "prefill_tps": result.prompt_tokens / t["prefill"],
+        "ttft_s": t["preprocess"] + t["first_token"],
+        "decode_tps": t["generation_tps"],
+        "postprocess_s": t["postprocess"],
+        "prompt_tokens": result.prompt_tokens,
+        "image_tokens": result.image_tokens,
         "tiles": n_tiles,
     }
 
@@ -150,12 +148,13 @@ def run_benchmark(model_path: str, backend: str = "mlx", dtype: str | None = Non
     """Load, warm up once, then time ``trials`` runs; returns settings, environment, per-trial and median stages."""
     import dsocr_mlx
 
+    bench_options(mode, tokens)  # a bad mode or token count fails before the model loads
     t = time.perf_counter()
     model = dsocr_mlx.load(model_path, backend=backend, dtype=dtype, device=device)
     load_s = time.perf_counter() - t
     image = image or page_image()
-    time_once(model, image, mode, min(tokens, 4))  # warm-up: kernels, allocator, caches
-    runs = [time_once(model, image, mode, tokens) for _ in range(trials)]
+    time_once(model, image, bench_options(mode, min(tokens, 4)))  # warm-up: kernels, allocator, caches
+    runs = [time_once(model, image, bench_options(mode, tokens)) for _ in range(trials)]
     median = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
     weights_gb = sum(f.stat().st_size for f in Path(model.path).glob("*.safetensors")) / 1e9
     return {
@@ -237,14 +236,15 @@ def run_pdf_benchmark(model_path: str, backend: str = "mlx", dtype: str | None =
 
     from .pdf import save_images_as_pdf
 
+    OCROptions(mode=mode, max_new_tokens=tokens)  # a bad mode or token count fails before the model loads
     model = dsocr_mlx.load(model_path, backend=backend, dtype=dtype, device=device)
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
         path = Path(tmp) / "pages.pdf"
         save_images_as_pdf([page_image(seed=i) for i in range(pages)], path)
-        model.ocr(page_image(seed=pages), mode=mode, max_new_tokens=min(tokens, 4))  # warm-up
+        options = OCROptions(mode=mode, max_new_tokens=tokens, detect_loops=False, retry_on_repetition=False)
+        model.ocr(page_image(seed=pages), options=options.merged(max_new_tokens=min(tokens, 4)))  # warm-up
         t = time.perf_counter()
-        results = list(model.ocr_many([path], mode=mode, max_new_tokens=tokens, detect_loops=False,
-                                      retry_on_repetition=False))
+        results = list(model.ocr_many([path], options=options))
         elapsed = time.perf_counter() - t
     generated = sum(r.generated_tokens for r in results)
     return {

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from dsocr_convert.command import convert as convert_command
 
 from . import __version__
+from .options import OCROptions, OptionError, option_fields, option_kind
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="DeepSeek-OCR on Apple Silicon through MLX: images and PDFs to Markdown.")
@@ -33,35 +38,58 @@ def _fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
+def _flag(f: dataclasses.Field) -> Any:
+    """The Typer annotation of one option's flag (every flag defaults to None: "not given")."""
+    name, kind, help = f.name.replace("_", "-"), option_kind(f.name), f.metadata["help"]
+    default = f.default
+    if default not in (None, ()):
+        help += f"; built-in default {str(default).lower() if kind is bool else default}"
+    if kind is bool:
+        return Annotated[bool | None, Opt(f"--{name}/--no-{name}", help=help + ".")]
+    if kind is tuple:
+        return Annotated[list[str] | None, Opt(f"--{name}", help=help + " (repeatable).")]
+    return Annotated[kind | None, Opt(f"--{name}", help=help + ".")]
+
+
+def with_option_flags(command: Callable[..., None]) -> Callable[..., None]:
+    """Give ``command`` (which takes ``**options``) one flag per field of :class:`OCROptions` meant for the CLI."""
+    own = inspect.signature(command, eval_str=True)
+    params = [p for p in own.parameters.values() if p.kind is not p.VAR_KEYWORD]
+    params += [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=_flag(f))
+               for f in option_fields("cli")]
+    command.__signature__ = own.replace(parameters=params)
+    return command
+
+
+def _options(base: OCROptions, given: dict[str, Any]) -> OCROptions:
+    try:
+        return base.merged(**given)
+    except OptionError as e:
+        raise _fail(f"--{e.option.replace('_', '-')}: {e}", 2) from None
+
+
 @app.command()
+@with_option_flags
 def ocr(
     inputs: Annotated[list[str], typer.Argument(help="Images, PDFs, folders or globs.", show_default=False)],
     model: Annotated[str | None, Opt(help="Model folder or Hugging Face repo id.")] = None,
     backend: Annotated[str | None, Opt(help="mlx, torch or auto.")] = None,
     dtype: Annotated[str | None, Opt(help="auto, float16, bfloat16 or float32.")] = None,
     device: Annotated[str | None, Opt(help="auto, cpu, cuda or cuda:N (PyTorch backend).")] = None,
-    mode: Annotated[str | None, Opt(help="tiny, small, base, large or gundam.")] = None,
-    task: Annotated[str | None, Opt(help="markdown, ocr, free, figure, describe or locate.")] = None,
-    prompt: Annotated[str | None, Opt(help="Custom prompt (one <image> per image).")] = None,
-    ref: Annotated[str | None, Opt(help="Text to find, for --task locate.")] = None,
     pages: Annotated[str | None, Opt(help="PDF pages, e.g. 1-3,7.")] = None,
-    dpi: Annotated[int | None, Opt(help="PDF rendering resolution.")] = None,
-    max_new_tokens: Annotated[int | None, Opt(help="Most tokens per page.")] = None,
-    temperature: Annotated[float | None, Opt(help="0 = greedy.")] = None,
-    top_p: Annotated[float | None, Opt(help="Nucleus sampling mass.")] = None,
-    top_k: Annotated[int | None, Opt(help="Sample among the k best (0 = off).")] = None,
-    seed: Annotated[int | None, Opt(help="Random seed for sampling.")] = None,
-    repetition_penalty: Annotated[float | None, Opt(help="1 = off.")] = None,
-    no_repeat_ngram_size: Annotated[int | None, Opt(help="n-gram ban size (0 = off).")] = None,
-    ngram_window: Annotated[int | None, Opt(help="n-gram ban window.")] = None,
     out: Annotated[Path | None, Opt(help="Write the official artefacts per input here.")] = None,
     fmt: Annotated[str, Opt("--format", help="markdown, json or text on standard output.")] = "markdown",
-    stream: Annotated[bool | None, Opt("--stream/--no-stream", help="Print tokens as they come.")] = None,
+    stream: Annotated[bool | None, Opt("--stream/--no-stream", help="Print text as it comes.")] = None,
     overwrite: Annotated[bool, Opt(help="Replace existing results.")] = False,
     config: Annotated[Path | None, Opt(help="config.toml to use.")] = None,
     verbose: Annotated[bool, Opt(help="Log details and show tracebacks.")] = False,
+    **given: Any,
 ) -> None:
-    """Read images and PDFs and print (or write) their text as Markdown."""
+    """Read images and PDFs and print (or write) their text as Markdown.
+
+    The OCR options (task, mode, sampling, ...) default to the ocr section of config.toml, then to the
+    built-in defaults.
+    """
     from . import settings as cfg
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
@@ -71,11 +99,8 @@ def ocr(
         conf = cfg.load_settings(config)
     except ValueError as e:
         raise _fail(str(e), 2) from None
-    m = cfg.merge(conf["model"], path=model, backend=backend, dtype=dtype, device=device)
-    o = cfg.merge(conf["ocr"], mode=mode, task=None if prompt else task, max_new_tokens=max_new_tokens, dpi=dpi,
-                  temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty)
-    if prompt:
-        o["task"] = None
+    options = _options(conf.ocr, given)
+    m = cfg.merge(conf.model, path=model, backend=backend, dtype=dtype, device=device)
     from . import batch
 
     items = batch.expand_inputs(inputs)
@@ -83,11 +108,6 @@ def ocr(
     if len(items) > 1 and out is None:
         raise _fail("several inputs need --out DIR for their results", 2)
     stream = (single and fmt != "json" and sys.stdout.isatty()) if stream is None else stream
-    kwargs = dict(prompt=prompt, task=o["task"], ref=ref, mode=o["mode"], max_new_tokens=o["max_new_tokens"],
-                  temperature=o["temperature"], top_p=o["top_p"], top_k=o["top_k"], seed=seed,
-                  repetition_penalty=o["repetition_penalty"], no_repeat_ngram_size=no_repeat_ngram_size,
-                  ngram_window=ngram_window, detect_loops=o["detect_loops"],
-                  retry_on_repetition=o["retry_on_repetition"])
     try:
         import dsocr_mlx
 
@@ -104,9 +124,8 @@ def ocr(
             def on_page(item, result):
                 bar.update(1, f"{Path(item.name).name} {result.timings.get('generation_tps', 0):.1f} tok/s")
 
-            on_delta = (lambda text: (sys.stdout.write(text), sys.stdout.flush())) if stream else None
-            for outcome in batch.run_items(loaded, items, out, overwrite, pages, o["dpi"], kwargs, on_page,
-                                           on_delta):
+            on_text = (lambda text: (sys.stdout.write(text), sys.stdout.flush())) if stream else None
+            for outcome in batch.run_items(loaded, items, options, out, overwrite, pages, on_page, on_text):
                 if outcome.error:
                     failures.append(outcome.item.name)
                     if verbose and outcome.exception is not None:
@@ -128,29 +147,7 @@ def ocr(
         raise typer.Exit(1)
 
 
-@app.command()
-def convert(
-    src: Annotated[str, typer.Argument(help="Hugging Face repo id or folder (original layout).")],
-    dst: Annotated[Path, typer.Argument(help="Output folder.")],
-    dtype: Annotated[str, Opt(help="float16, bfloat16 or float32.")] = "float16",
-    q_bits: Annotated[int | None, Opt(help="Quantize with this many bits (4, 8, ...).")] = None,
-    q_group_size: Annotated[int, Opt(help="Quantization group size.")] = 64,
-    q_mode: Annotated[str, Opt(help="affine, mxfp4, mxfp8 or nvfp4.")] = "affine",
-    q_vision: Annotated[bool, Opt(help="Also quantize the vision towers' linear layers.")] = False,
-    q_embeddings: Annotated[bool, Opt(help="Also quantize the token embeddings.")] = False,
-    overwrite: Annotated[bool, Opt(help="Replace DST.")] = False,
-    upload_repo: Annotated[str | None, Opt(help="Upload the result to this Hugging Face repo.")] = None,
-) -> None:
-    """Convert the weights into an MLX folder (float16 by default, optionally quantized)."""
-    from .convert import convert as run
-
-    policy = {"vision": q_vision, "embed_tokens": q_embeddings}
-    try:
-        report = run(src, dst, dtype=dtype, q_bits=q_bits, q_group_size=q_group_size, q_mode=q_mode,
-                     q_policy=policy, overwrite=overwrite, upload_repo=upload_repo)
-    except (FileNotFoundError, FileExistsError, ValueError, ConnectionError, ImportError) as e:
-        raise _fail(str(e)) from None
-    typer.echo(f"wrote {report.path} ({report.bytes / 1e9:.2f} GB, {len(report.files)} shard(s))")
+app.command("convert")(convert_command)
 
 
 @app.command()
@@ -192,11 +189,11 @@ def serve(
         conf = cfg.load_settings(config)
     except ValueError as e:
         raise _fail(str(e), 2) from None
-    conf["model"] = cfg.merge(conf["model"], path=model, backend=backend, dtype=dtype, device=device)
-    conf["server"] = cfg.merge(conf["server"], host=host, port=port, api_key=api_key, max_queue=max_queue,
+    conf.model = cfg.merge(conf.model, path=model, backend=backend, dtype=dtype, device=device)
+    conf.server = cfg.merge(conf.server, host=host, port=port, api_key=api_key, max_queue=max_queue,
                                request_timeout=request_timeout, allow_remote_images=remote_images,
                                cors_origins=cors_origin or None, allow_model_switch=model_switch)
-    s = conf["server"]
+    s = conf.server
     if s["host"] not in ("127.0.0.1", "localhost", "::1") and not s["api_key"]:
         logging.getLogger("dsocr_server").warning("binding %s without an API key: anyone who can reach it can use it",
                                                   s["host"])

@@ -10,6 +10,7 @@ from pathlib import Path
 from .config import ModelArgs
 from .hub import resolve_model_path
 from .progress import Progress
+from .weights import CONVERTED_FORMAT
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "processor_config.json")
 MAX_SHARD_BYTES = 5 * 1024**3
@@ -63,7 +64,7 @@ def convert(src: str | Path, dst: str | Path, dtype: str = "float16", q_bits: in
 
     check_dtype(dtype)
     get_backend("mlx")
-    from .backends.mlx.convert import CONVERTED_FORMAT, converted_tensors, tensor_count, write_shards
+    from .backends.mlx.convert import converted_tensors, tensor_count, write_shards
     from .backends.mlx.quantize import QuantPolicy
 
     dst = Path(dst)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from PIL import Image
+if TYPE_CHECKING:
+    from PIL import Image
 
 DEFAULT_DPI = 144  # the official script renders at zoom 2 (144 / 72)
 PAGE_SEPARATOR = "\n<--- Page Split --->"  # the official script appends "\n" + this + "\n" after each page
@@ -73,12 +75,17 @@ def page_count(path: str | Path) -> int:
         doc.close()
 
 
+def check_dpi(dpi: int) -> None:
+    """Refuse a rendering resolution outside 18 to 1200 DPI."""
+    if not 18 <= dpi <= 1200:
+        raise ValueError(f"dpi must be between 18 and 1200, got {dpi}")
+
+
 def render_pages(path: str | Path, pages: str | None = None, dpi: int = DEFAULT_DPI,
                  max_pages: int = MAX_PAGES) -> Iterator[tuple[int, Image.Image]]:
     """Yield ``(page_index, RGB image)`` for the selected pages, rendered at ``dpi``, one at a time."""
     path = Path(path)
-    if not 18 <= dpi <= 1200:
-        raise ValueError(f"dpi must be between 18 and 1200, got {dpi}")
+    check_dpi(dpi)
     doc = _open(path)
     try:
         count = len(doc)

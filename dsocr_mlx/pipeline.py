@@ -2,58 +2,46 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from . import grounding, pdf
-from .backends import check_dtype, get_backend
+from . import grounding, pdf, textstream
+from .backends import Runtime, check_dtype, get_backend
 from .config import ModelArgs
 from .hub import resolve_model_path
+from .options import DEFAULT_PROMPT, TASKS, OCROptions, build_prompt
 from .processing import ImageInput, ProcessedInputs, load_image, prepare_inputs
-from .sampling import IMAGE_NGRAM, PDF_NGRAM, LoopDetector, Repetition, SamplingParams
+from .sampling import LoopDetector, Repetition
 from .tokenizer import EOS_TEXT, StreamingDetokenizer, Tokenizer
+
+__all__ = ["DEFAULT_PROMPT", "TASKS", "GenerationResponse", "OCRModel", "OCROptions", "OCRResult", "build_prompt",
+           "join_pages", "save_pdf_results"]
 
 logger = logging.getLogger(__name__)
 
-TASKS = {
-    "markdown": "<image>\n<|grounding|>Convert the document to markdown.",
-    "ocr": "<image>\n<|grounding|>OCR this image.",
-    "free": "<image>\nFree OCR.",
-    "figure": "<image>\nParse the figure.",
-    "describe": "<image>\nDescribe this image in detail.",
-    "locate": "<image>\nLocate <|ref|>{ref}<|/ref|> in the image.",
-}
-DEFAULT_PROMPT = TASKS["markdown"]
 
-
-def build_prompt(prompt: str | None = None, task: str | None = None, ref: str | None = None) -> str:
-    """The prompt text: a custom ``prompt``, or the official prompt of a named ``task``."""
-    if prompt is not None and task is not None:
-        raise ValueError("give either a prompt or a task, not both")
-    if prompt is not None:
-        return prompt
-    task = task or "markdown"
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}: choose one of {', '.join(TASKS)} or pass a prompt")
-    if task == "locate":
-        if not ref:
-            raise ValueError("the locate task needs the text to find (ref)")
-        return TASKS[task].format(ref=ref)
-    return TASKS[task]
+def _as_list(image: ImageInput | list[ImageInput] | None) -> list[ImageInput]:
+    return list(image) if isinstance(image, (list, tuple)) else ([] if image is None else [image])
 
 
 @dataclass
 class GenerationResponse:
-    """One step of :meth:`OCRModel.stream_ocr`: a text delta and where generation stands."""
+    """One step of :meth:`OCRModel.stream_ocr`: text deltas and where generation stands.
+
+    ``text`` is the raw model text of this token; ``output`` the new part of the client text (the
+    ``output`` form of the options: Markdown by default), often empty while it is held back. The
+    ``output`` deltas of a page add up to its final text; the last response carries the :class:`OCRResult`.
+    """
 
     text: str
     token: int | None
@@ -65,6 +53,8 @@ class GenerationResponse:
     finish_reason: str | None = None  # "stop", "length" or "repetition" on the last response
     restart: bool = False  # the text so far is discarded: a retry with stronger anti-repetition follows
     repetition: Repetition | None = None
+    output: str = ""
+    result: OCRResult | None = None  # the finished page, on the last response
 
 
 @dataclass
@@ -94,6 +84,10 @@ class OCRResult:
         return {"prompt_tokens": self.prompt_tokens, "image_tokens": self.image_tokens,
                 "completion_tokens": self.generated_tokens,
                 "total_tokens": self.prompt_tokens + self.generated_tokens}
+
+    def output_text(self, output: str = "markdown") -> str:
+        """The text a client gets in the ``output`` form: ``markdown``, ``raw`` or ``json``."""
+        return textstream.final_text(self.raw_text, output, self.page, self.blocks)
 
     def to_dict(self) -> dict[str, Any]:
         rep = self.repetition
@@ -146,10 +140,89 @@ def save_pdf_results(results: list[OCRResult], out_dir: str | Path, stem: str, o
     return out
 
 
+class Decoding:
+    """One sequence's decoding: token ids in, :class:`GenerationResponse` out.
+
+    Holds everything that is per sequence (detokenizer, stop strings, loop detector, client text), so
+    a loop over one sequence (:meth:`OCRModel.stream_ocr`) or over the rows of a batch drives it alike.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, options: OCROptions, eos_token_id: int, budget: int,
+                 prompt_tokens: int, image_tokens: int, page: int | None = None):
+        self.options, self.eos, self.budget, self.page = options, eos_token_id, budget, page
+        self.detok = StreamingDetokenizer(tokenizer)
+        self.detector = LoopDetector(decode=tokenizer.decode) if options.detect_loops else None
+        self.stream = textstream.TextStream(options.output, page, options.stop)
+        self.tokens: list[int] = []
+        self.raw = ""  # the raw text so far, cut before a stop string once one is found
+        self.stopped = False
+        self.counts = dict(prompt_tokens=prompt_tokens, image_tokens=image_tokens)
+        self.start = time.perf_counter()
+        self.first: float | None = None
+
+    def add(self, token: int) -> GenerationResponse:
+        """The response for the next generated token; it has a ``finish_reason`` when the sequence ends."""
+        now = time.perf_counter()
+        self.first = self.first or now
+        self.tokens.append(token)
+        finish, loop = None, None
+        if token == self.eos and not self.options.ignore_eos:
+            delta, finish = self.detok.flush(), "stop"
+        else:
+            delta = self.detok.add(token)
+            loop = self.detector.check(self.tokens) if self.detector is not None else None
+            if loop is not None:
+                finish = "repetition"
+            elif len(self.tokens) >= self.budget:
+                finish = "length"
+            if finish:
+                delta += self.detok.flush()
+        self._append(delta)
+        if self.stopped:
+            finish = "stop"
+        n = len(self.tokens)
+        prompt_tps = self.counts["prompt_tokens"] / max(self.first - self.start, 1e-9)
+        generation_tps = (n - 1) / (now - self.first) if n > 1 else 0.0
+        return GenerationResponse(delta, token, generation_tokens=n, prompt_tps=prompt_tps,
+                                  generation_tps=generation_tps, finish_reason=finish, repetition=loop,
+                                  output=self.stream.feed(self.raw), **self.counts)
+
+    def end(self) -> GenerationResponse:
+        """The last response when the tokens ran out before any finish (finish reason ``length``)."""
+        delta = self.detok.flush()
+        self._append(delta)
+        n = len(self.tokens)
+        return GenerationResponse(delta, None, generation_tokens=n, prompt_tps=0.0, generation_tps=0.0,
+                                  finish_reason="stop" if self.stopped else "length",
+                                  output=self.stream.feed(self.raw), **self.counts)
+
+    def _append(self, delta: str) -> None:
+        stops = self.options.stop
+        if self.stopped:
+            return
+        if not stops:
+            self.raw += delta
+            return
+        start = max(0, len(self.raw) - max(len(s) for s in stops) + 1)
+        self.raw += delta
+        hits = [i for i in (self.raw.find(s, start) for s in stops) if i >= 0]
+        if hits:
+            self.raw, self.stopped = self.raw[: min(hits)], True
+
+    def raw_text(self, tokenizer: Tokenizer) -> str:
+        """The finished raw text: decoded whole (end-of-text mark dropped), cut at a stop string, stripped."""
+        if self.stopped:
+            return self.raw.strip()
+        raw = tokenizer.decode(self.tokens)
+        if raw.endswith(EOS_TEXT):
+            raw = raw[: -len(EOS_TEXT)]
+        return raw.strip()
+
+
 class OCRModel:
     """DeepSeek-OCR on one backend, with the tokenizer and config it was loaded with."""
 
-    def __init__(self, runtime: Any, tokenizer: Tokenizer, args: ModelArgs, path: Path | None = None):
+    def __init__(self, runtime: Runtime, tokenizer: Tokenizer, args: ModelArgs, path: Path | None = None):
         self.runtime = runtime
         self.tokenizer = tokenizer
         self.args = args
@@ -200,8 +273,13 @@ class OCRModel:
             h.update(np.ascontiguousarray(a).tobytes())
         key = h.hexdigest()
         if self._vision_cache is None or self._vision_cache[0] != key:
+            self._vision_cache = None  # release the old embeddings before computing new ones
             self._vision_cache = (key, self.runtime.image_embeddings(inputs))
         return self._vision_cache[1]
+
+    def clear_vision_cache(self) -> None:
+        """Forget the last image's embeddings (the next request runs the vision towers again)."""
+        self._vision_cache = None
 
     def image_embeddings(self, inputs: ProcessedInputs) -> np.ndarray:
         """Float32 ``[number of <image> tokens, hidden]``: the rows scattered into the prompt."""
@@ -214,38 +292,6 @@ class OCRModel:
         """Float32 ``[vocab]`` logits at the last prompt position."""
         return self.runtime.prefill_logits(inputs, self._image_embeddings(inputs))
 
-    def _attempt(self, inputs: ProcessedInputs, params: SamplingParams, max_new_tokens: int,
-                 detect_loops: bool) -> Iterator[GenerationResponse]:
-        detok = StreamingDetokenizer(self.tokenizer)
-        detector = LoopDetector(decode=self.tokenizer.decode) if detect_loops else None
-        eos = self.args.text.eos_token_id
-        n_prompt = len(inputs.input_ids)
-        start = time.perf_counter()
-        embeddings = self._image_embeddings(inputs)
-        tokens: list[int] = []
-        first = None
-        for token in self.runtime.generate(inputs, embeddings, max_new_tokens, params):
-            now = time.perf_counter()
-            first = first or now
-            tokens.append(token)
-            prompt_tps = n_prompt / max(first - start, 1e-9)
-            gen_tps = (len(tokens) - 1) / (now - first) if len(tokens) > 1 else 0.0
-            base = dict(prompt_tokens=n_prompt, image_tokens=inputs.num_image_tokens, generation_tokens=len(tokens),
-                        prompt_tps=prompt_tps, generation_tps=gen_tps)
-            if token == eos:
-                yield GenerationResponse(detok.flush(), token, finish_reason="stop", **base)
-                return
-            delta = detok.add(token)
-            loop = detector.check(tokens) if detector is not None else None
-            if loop is not None:
-                yield GenerationResponse(delta + detok.flush(), token, finish_reason="repetition", repetition=loop,
-                                         **base)
-                return
-            if len(tokens) == max_new_tokens:
-                yield GenerationResponse(delta + detok.flush(), token, finish_reason="length", **base)
-                return
-            yield GenerationResponse(delta, token, **base)
-
     def _budget(self, inputs: ProcessedInputs, max_new_tokens: int) -> int:
         context = self.args.text.max_position_embeddings
         room = context - len(inputs.input_ids)
@@ -254,145 +300,123 @@ class OCRModel:
                 f"the prompt takes {len(inputs.input_ids)} tokens and leaves no room in the model's context of "
                 f"{context}; use a smaller mode or a shorter prompt"
             )
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         return min(max_new_tokens, room)
 
     def stream_ocr(
         self,
         image: ImageInput | list[ImageInput] | None,
         prompt: str | None = None,
+        options: OCROptions | None = None,
         *,
-        task: str | None = None,
-        ref: str | None = None,
-        mode: str = "gundam",
-        max_new_tokens: int = 8192,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        seed: int | None = None,
-        repetition_penalty: float = 1.0,
-        no_repeat_ngram_size: int | None = None,
-        ngram_window: int | None = None,
-        detect_loops: bool = True,
-        retry_on_repetition: bool = False,
         inputs: ProcessedInputs | None = None,
-        _ngram_default: tuple[int, int] = IMAGE_NGRAM,
+        page: int | None = None,
+        source: str | None = None,
+        **overrides: Any,
     ) -> Iterator[GenerationResponse]:
         """Stream OCR of ``image``: one :class:`GenerationResponse` per generated token.
 
+        This is the one generation loop: :meth:`ocr`, :meth:`ocr_many`, the CLI, the server and the
+        benchmark all run it, so they give the same text for the same input and options.
+
         Args:
             image: a path, PIL image, bytes or uint8 array (or a list, one per ``<image>``).
-            prompt: a custom prompt; by default the ``task`` prompt (``markdown`` unless named).
-            task: ``markdown``, ``ocr``, ``free``, ``figure``, ``describe`` or ``locate`` (with ``ref``).
-            mode: ``tiny``, ``small``, ``base``, ``large`` or ``gundam``.
-            max_new_tokens: the most tokens to generate; the context holds 8192 with the prompt.
-            temperature, top_p, top_k, seed, repetition_penalty: sampling (greedy at temperature 0).
-            no_repeat_ngram_size, ngram_window: the official n-gram ban (30/90 for images); 0 turns it off.
-            detect_loops: stop a degenerate repetition early with finish reason ``repetition``.
-            retry_on_repetition: after a loop, emit a ``restart`` response and retry once with stronger
-                anti-repetition settings.
+            prompt: a custom prompt; by default the task's official prompt.
+            options: the :class:`OCROptions` (default: the built-in defaults); ``overrides`` are option
+                names and values applied over them (``task="free"``, ``mode="base"``, ...).
+            inputs: prepared inputs (from :meth:`prepare`) instead of ``image``.
+            page: the zero-based page of a PDF: the official PDF n-gram ban, figure names and clean-up.
+            source: recorded in the result (the file the image came from).
 
         Yields:
-            Text deltas; the last response carries ``finish_reason``.
+            Text deltas (``text`` raw, ``output`` the client text); the last response carries
+            ``finish_reason`` and ``result``. After a loop with ``retry_on_repetition`` a ``restart``
+            response says the text so far is discarded, and the retry follows.
         """
-        params = SamplingParams(
-            temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, repetition_penalty=repetition_penalty,
-            no_repeat_ngram_size=_ngram_default[0] if no_repeat_ngram_size is None else no_repeat_ngram_size,
-            ngram_window=_ngram_default[1] if ngram_window is None else ngram_window,
-        )
+        options = (options or OCROptions()).merged(prompt=prompt, **overrides)
+        t0 = time.perf_counter()
+        pil = [load_image(im) for im in _as_list(image)]
         if inputs is None:
-            inputs = self.prepare(image, build_prompt(prompt, task, ref), mode)
-        budget = self._budget(inputs, max_new_tokens)
-        last = None
-        for last in self._attempt(inputs, params, budget, detect_loops):
-            yield last
-        if retry_on_repetition and last is not None and last.finish_reason == "repetition":
-            logger.info("repetition loop (period %d): retrying with stronger anti-repetition", last.repetition.period)
-            yield GenerationResponse("", None, last.prompt_tokens, last.image_tokens, last.generation_tokens,
-                                     last.prompt_tps, last.generation_tps, restart=True, repetition=last.repetition)
-            yield from self._attempt(inputs, params.stronger(), budget, detect_loops)
+            inputs = self.prepare(pil, options.prompt_text, options.mode)
+        budget = self._budget(inputs, options.max_new_tokens)
+        t1 = time.perf_counter()
+        embeddings = self._image_embeddings(inputs)
+        self.runtime.synchronize()
+        t2 = time.perf_counter()
+        params = options.sampling_params(pdf_page=page is not None)
+        loop, retried = None, False
+        while True:
+            seq = Decoding(self.tokenizer, options, self.args.text.eos_token_id, budget, len(inputs.input_ids),
+                           inputs.num_image_tokens, page)
+            response = None
+            with contextlib.closing(iter(self.runtime.generate(inputs, embeddings, budget, params))) as tokens:
+                for token in tokens:
+                    response = seq.add(token)
+                    if response.finish_reason:
+                        break
+                    yield response
+            if response is None or response.finish_reason is None:  # the runtime ended before the budget
+                response = seq.end()
+            if response.finish_reason == "repetition" and options.retry_on_repetition and not retried:
+                logger.info("repetition loop (period %d): retrying with stronger anti-repetition",
+                            response.repetition.period)
+                yield replace(response, text="", output="", finish_reason=None, restart=True)
+                loop, retried, params = response.repetition, True, params.stronger()
+                continue
+            break
+        t3 = time.perf_counter()
+        raw = seq.raw_text(self.tokenizer)
+        original = pil[0] if pil else None
+        blocks = [] if original is None else grounding.parse_blocks(raw, original.width, original.height, page or 0)
+        result = OCRResult(
+            token_ids=seq.tokens, raw_text=raw, text=textstream.markdown(raw, page),
+            finish_reason=response.finish_reason, prompt_tokens=len(inputs.input_ids),
+            image_tokens=inputs.num_image_tokens, blocks=blocks, repetition=response.repetition or loop,
+            retried=retried, page=page, source=source, image=original,
+        )
+        tail = seq.stream.finish(result.output_text(options.output))
+        t4 = time.perf_counter()
+        result.timings = {"preprocess": t1 - t0, "vision": t2 - t1, "prefill": (seq.first or t3) - seq.start,
+                          "first_token": (seq.first or t3) - t1, "generation_tps": response.generation_tps,
+                          "postprocess": t4 - t3, "total": t4 - t0}
+        yield replace(response, output=response.output + tail, result=result)
 
     def ocr(
         self,
         image: ImageInput | list[ImageInput] | None,
         prompt: str | None = None,
+        options: OCROptions | None = None,
         *,
-        task: str | None = None,
-        ref: str | None = None,
-        mode: str = "gundam",
-        max_new_tokens: int = 8192,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        seed: int | None = None,
-        repetition_penalty: float = 1.0,
-        no_repeat_ngram_size: int | None = None,
-        ngram_window: int | None = None,
-        detect_loops: bool = True,
-        retry_on_repetition: bool = True,
         on_text: Callable[[str], None] | None = None,
-        _page: tuple[int, str] | None = None,
+        **overrides: Any,
     ) -> OCRResult:
-        """OCR of ``image`` as one :class:`OCRResult` (a loop over :meth:`stream_ocr`; same arguments).
+        """OCR of ``image`` as one :class:`OCRResult`: a loop over :meth:`stream_ocr` (same arguments).
 
-        ``on_text`` receives each text delta as it is generated (to show progress while waiting).
+        ``on_text`` receives the client text as it is generated (to show progress while waiting).
         """
-        t0 = time.perf_counter()
-        images = image if isinstance(image, (list, tuple)) else ([] if image is None else [image])
-        pil = [load_image(im) for im in images]
-        inputs = self.prepare(pil, build_prompt(prompt, task, ref), mode)
-        t1 = time.perf_counter()
-        tokens: list[int] = []
-        finish, loop, retried, last = "length", None, False, None
-        first_token = None
-        for last in self.stream_ocr(
-            None, inputs=inputs, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-            seed=seed, repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
-            ngram_window=ngram_window, detect_loops=detect_loops, retry_on_repetition=retry_on_repetition,
-            _ngram_default=PDF_NGRAM if _page else IMAGE_NGRAM,
-        ):
-            if last.restart:
-                tokens, retried, loop = [], True, last.repetition
-                if on_text is not None:
-                    on_text("\n[repetition loop: retrying with stronger anti-repetition settings]\n")
-                continue
-            if on_text is not None and last.text:
-                on_text(last.text)
-            first_token = first_token or time.perf_counter()
-            tokens.append(last.token)
-            if last.finish_reason:
-                finish = last.finish_reason
-                loop = last.repetition or loop
-        t2 = time.perf_counter()
-        raw = self.tokenizer.decode(tokens)
-        if raw.endswith(EOS_TEXT):
-            raw = raw[: -len(EOS_TEXT)]
-        raw = raw.strip()
-        page, source = _page if _page else (None, None)
-        original = pil[0] if pil else None
-        blocks = [] if original is None else grounding.parse_blocks(raw, original.width, original.height, page or 0)
-        text = grounding.clean_markdown(raw, f"{page}_" if page is not None else "", pdf_page=page is not None)
-        return OCRResult(
-            token_ids=tokens, raw_text=raw, text=text, finish_reason=finish,
-            prompt_tokens=len(inputs.input_ids), image_tokens=inputs.num_image_tokens, blocks=blocks,
-            timings={"preprocess": t1 - t0, "first_token": (first_token or t2) - t1, "total": t2 - t0,
-                     "generation_tps": last.generation_tps if last else 0.0},
-            repetition=loop, retried=retried, page=page, source=source, image=original,
-        )
+        result = None
+        for response in self.stream_ocr(image, prompt, options, **overrides):
+            if on_text is not None and response.restart:
+                on_text("\n[repetition loop: retrying with stronger anti-repetition settings]\n")
+            elif on_text is not None and response.output:
+                on_text(response.output)
+            result = response.result or result
+        assert result is not None, "stream_ocr ends with a result"
+        return result
 
-    def ocr_many(self, inputs: Iterable[str | Path | ImageInput], prompt: str | None = None, *,
-                 pages: str | None = None, dpi: int = pdf.DEFAULT_DPI, **kwargs) -> Iterator[OCRResult]:
+    def ocr_many(self, inputs: Iterable[str | Path | ImageInput], prompt: str | None = None,
+                 options: OCROptions | None = None, *, pages: str | None = None,
+                 on_text: Callable[[str], None] | None = None, **overrides: Any) -> Iterator[OCRResult]:
         """OCR of many images and PDFs, yielding one result per image or PDF page as each finishes.
 
-        PDF pages use the official PDF n-gram setting (20/50) unless ``no_repeat_ngram_size`` is given.
-        ``pages`` (``"1-3,7"``) selects PDF pages; ``dpi`` sets their rendering.
+        PDF pages are rendered at the options' ``dpi`` and use the official PDF rules (the 20/50 n-gram
+        ban unless ``no_repeat_ngram_size`` is given, per-page figure names, blank-line collapse).
+        ``pages`` (``"1-3,7"``) selects PDF pages.
         """
+        options = (options or OCROptions()).merged(prompt=prompt, **overrides)
         for item in inputs:
             if isinstance(item, (str, Path)) and pdf.is_pdf(item):
-                for index, page_image in pdf.render_pages(item, pages, dpi):
-                    yield self.ocr(page_image, prompt, _page=(index, str(item)), **kwargs)
+                for index, page_image in pdf.render_pages(item, pages, options.dpi):
+                    yield self.ocr(page_image, options=options, page=index, source=str(item), on_text=on_text)
             else:
-                result = self.ocr(item, prompt, **kwargs)
-                result.source = str(item) if isinstance(item, (str, Path)) else None
-                yield result
+                yield self.ocr(item, options=options, on_text=on_text,
+                               source=str(item) if isinstance(item, (str, Path)) else None)

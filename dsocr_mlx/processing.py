@@ -15,6 +15,8 @@ from typing import Any, Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .modes import MODES, Mode
+
 IMAGE_TOKEN = "<image>"
 PATCH_SIZE = 16
 DOWNSAMPLE_RATIO = 4
@@ -25,23 +27,6 @@ IMAGE_STD = (0.5, 0.5, 0.5)
 # ImageOps.pad fills with the mean colour as the official code computes it: int(0.5 * 255) = 127.
 PAD_COLOR = tuple(int(m * 255) for m in IMAGE_MEAN)
 
-
-@dataclass(frozen=True)
-class Mode:
-    """A resolution mode of the official code: global view size, tile size, and whether to tile."""
-
-    base_size: int
-    image_size: int
-    crop_mode: bool
-
-
-MODES: dict[str, Mode] = {
-    "tiny": Mode(512, 512, False),
-    "small": Mode(640, 640, False),
-    "base": Mode(1024, 1024, False),
-    "large": Mode(1280, 1280, False),
-    "gundam": Mode(1024, 640, True),
-}
 
 ImageInput = Union[str, Path, bytes, "Image.Image", np.ndarray]
 
@@ -80,6 +65,34 @@ def get_mode(mode: str | Mode) -> Mode:
         return MODES[mode]
     except KeyError:
         raise ValueError(f"unknown mode {mode!r}: choose one of {', '.join(MODES)}") from None
+
+
+# Raster formats only: Pillow's other openers (EPS through Ghostscript, for one) are not for untrusted bytes.
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
+
+
+def decode_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Decode untrusted image bytes into an RGB image, refusing decompression bombs before decoding pixels.
+
+    Raises:
+        ValueError: the bytes are not a complete image in a supported format, or declare more than
+            ``max_pixels`` pixels (checked from the header, before any pixel is decoded).
+    """
+    Image.init()  # registers every opener, so the formats named below are known
+    try:
+        img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)  # reads the header only
+    except Image.DecompressionBombError:
+        raise ValueError(f"the image declares more than {max_pixels} pixels") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        raise ValueError(f"the data is not an image in a supported format ({', '.join(IMAGE_FORMATS)})") from None
+    width, height = img.size
+    if width * height > max_pixels:
+        raise ValueError(f"the image declares {width}x{height} pixels, more than the limit of {max_pixels}")
+    try:
+        img.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ValueError(f"the image is truncated or corrupt ({e})") from None
+    return load_image(img)
 
 
 def load_image(image: ImageInput) -> Image.Image:

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-import numpy as np
-
 TD_OPEN, TD_CLOSE = 128821, 128822  # <td>, </td>: never banned by the official n-gram rule
 NGRAM_WHITELIST = frozenset({TD_OPEN, TD_CLOSE})
 # Official settings: run_dpsk_ocr_image.py bans 30-grams in a 90-token window, run_dpsk_ocr_pdf.py 20 in 50.
@@ -103,6 +101,8 @@ class LoopDetector:
         n = len(tokens)
         if n < self.min_span or n % self.every:
             return None
+        import numpy as np  # here, so that the options (and the CLI) import no numpy
+
         tail = np.asarray(tokens[-min(n, 4 * self.max_period + self.min_span):], dtype=np.int64)
         for period in range(1, min(self.max_period, len(tail) // self.min_repeats) + 1):
             same = tail[period:] == tail[:-period]

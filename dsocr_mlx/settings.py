@@ -1,15 +1,20 @@
 """One ``config.toml`` shared by the CLI and the server: defaults, the file, and their precedence.
 
-Precedence: command line > config file > built-in defaults. A missing file is created with the defaults
-(commented) on first use, so users can see every setting.
+Precedence: command line or request > config file > built-in defaults. A missing file is created with
+the defaults (commented) on first use, so users can see every setting. The ``[ocr]`` section is the
+:class:`~dsocr_mlx.options.OCROptions` (its defaults and its documentation come from there).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .options import OCROptions, OptionError, coerce, option_fields
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -18,10 +23,6 @@ else:  # pragma: no cover - Python 3.10
 
 DEFAULTS: dict[str, dict[str, Any]] = {
     "model": {"path": "deepseek-ai/DeepSeek-OCR", "backend": "auto", "dtype": "auto", "device": "auto"},
-    "ocr": {
-        "mode": "gundam", "task": "markdown", "max_new_tokens": 8192, "temperature": 0.0, "top_p": 1.0, "top_k": 0,
-        "repetition_penalty": 1.0, "dpi": 144, "detect_loops": True, "retry_on_repetition": True,
-    },
     "server": {
         "host": "127.0.0.1", "port": 8000, "api_key": "", "max_queue": 16, "request_timeout": 600,
         "max_body_mb": 50, "max_image_pixels": 100_000_000, "max_pdf_pages": 50, "max_images": 1,
@@ -30,8 +31,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     },
 }
 
-TEMPLATE = """# dsocr configuration (created with the defaults; edit and uncomment what you want to change).
-# Command-line options override these values.
+_TEMPLATE = """# dsocr configuration (created with the defaults; edit and uncomment what you want to change).
+# Command-line options and server request fields override these values.
 
 [model]
 # path = "deepseek-ai/DeepSeek-OCR"   # Hugging Face repo id or local folder
@@ -40,18 +41,7 @@ TEMPLATE = """# dsocr configuration (created with the defaults; edit and uncomme
 #                                     # bfloat16 on CUDA, float32 on a CPU)
 # device = "auto"                     # auto, cpu, cuda or cuda:N (the PyTorch backend's device)
 
-[ocr]
-# mode = "gundam"                     # tiny, small, base, large, gundam
-# task = "markdown"                   # markdown, ocr, free, figure, describe, locate
-# max_new_tokens = 8192
-# temperature = 0.0
-# top_p = 1.0
-# top_k = 0
-# repetition_penalty = 1.0
-# dpi = 144                           # PDF rendering
-# detect_loops = true
-# retry_on_repetition = true
-
+{ocr}
 [server]
 # host = "127.0.0.1"
 # port = 8000
@@ -72,6 +62,36 @@ TEMPLATE = """# dsocr configuration (created with the defaults; edit and uncomme
 """
 
 
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return json.dumps(value)
+
+
+def _ocr_section() -> str:
+    lines = ["[ocr]"]
+    defaults = OCROptions()
+    for f in option_fields("config"):
+        value = getattr(defaults, f.name)
+        shown = f"{f.name} = {_toml(f.metadata['example'] if value is None else value)}"
+        lines.append(f"# {shown:<34}  # {f.metadata['help']}")
+    return "\n".join(lines) + "\n\n"
+
+
+TEMPLATE = _TEMPLATE.replace("{ocr}\n", _ocr_section())
+
+
+@dataclass
+class Settings:
+    """What the CLI and the server run with: ``model`` and ``server`` sections, and the OCR options."""
+
+    model: dict[str, Any] = field(default_factory=lambda: dict(DEFAULTS["model"]))
+    ocr: OCROptions = field(default_factory=OCROptions)
+    server: dict[str, Any] = field(default_factory=lambda: dict(DEFAULTS["server"]))
+
+
 def default_config_path() -> Path:
     """``$DSOCR_CONFIG``, else the platform's config folder (``~/Library/Application Support/dsocr`` on
     macOS, ``$XDG_CONFIG_HOME/dsocr`` or ``~/.config/dsocr`` elsewhere)."""
@@ -84,10 +104,15 @@ def default_config_path() -> Path:
     return base / "dsocr" / "config.toml"
 
 
-def load_settings(path: str | Path | None = None, create: bool = True) -> dict[str, dict[str, Any]]:
-    """The defaults overlaid with the config file (created with the defaults if missing)."""
+def load_settings(path: str | Path | None = None, create: bool = True) -> Settings:
+    """The defaults overlaid with the config file (created with the defaults if missing).
+
+    Raises:
+        ValueError: the file is not valid TOML, or names an unknown section or setting, or a bad value
+            (the message names the file and the setting).
+    """
     path = Path(path).expanduser() if path else default_config_path()
-    settings = {section: dict(values) for section, values in DEFAULTS.items()}
+    settings = Settings()
     if not path.exists():
         if create:
             try:
@@ -100,9 +125,13 @@ def load_settings(path: str | Path | None = None, create: bool = True) -> dict[s
         data = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid TOML ({e}); fix it or delete it to get the defaults back") from None
+    sections = ("model", "ocr", "server")
     for section, values in data.items():
-        if section not in DEFAULTS or not isinstance(values, dict):
-            raise ValueError(f"{path}: unknown section [{section}] (known: {', '.join(DEFAULTS)})")
+        if section not in sections or not isinstance(values, dict):
+            raise ValueError(f"{path}: unknown section [{section}] (known: {', '.join(sections)})")
+        if section == "ocr":
+            settings.ocr = _ocr_options(path, values)
+            continue
         for key, value in values.items():
             if key not in DEFAULTS[section]:
                 raise ValueError(f"{path}: unknown setting {section}.{key}")
@@ -111,8 +140,20 @@ def load_settings(path: str | Path | None = None, create: bool = True) -> dict[s
                     isinstance(default, (int, float)) and not isinstance(value, (int, float))) or (
                     isinstance(default, str) and not isinstance(value, str)):
                 raise ValueError(f"{path}: {section}.{key} should be like {default!r}, got {value!r}")
-            settings[section][key] = value
+            getattr(settings, section)[key] = value
     return settings
+
+
+def _ocr_options(path: Path, values: dict[str, Any]) -> OCROptions:
+    known = {f.name for f in option_fields("config")}
+    try:
+        for key, value in values.items():
+            if key not in known:
+                raise OptionError(key, f"unknown setting ocr.{key} (known: {', '.join(sorted(known))})")
+            coerce(key, value)
+        return OCROptions().merged(**values)
+    except OptionError as e:
+        raise ValueError(f"{path}: [ocr] {e}") from None
 
 
 def merge(settings: dict[str, Any], **overrides: Any) -> dict[str, Any]:

@@ -204,3 +204,24 @@ def safetensors_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
             raise ValueError(f"{f} is not a readable safetensors file ({e}); re-download it") from None
         shapes.update((name, tuple(info["shape"])) for name, info in header.items())
     return shapes
+
+
+# Written into config.json by our converter: the weights are already in the MLX layout (float or quantized).
+CONVERTED_FORMAT = "dsocr-mlx/1"
+
+
+def checkpoint_layout(args: ModelArgs, names: set[str]) -> str:
+    """``"hf"`` (original checkpoint), ``"converted"`` (``dsocr convert``) or ``"mlx-vlm"`` (mlx-community
+    conversions), from ``config.json`` and the tensor ``names``; an unknown format or layout is an error."""
+    if args.converted_format == CONVERTED_FORMAT:
+        return "converted"
+    if args.converted_format:
+        raise ValueError(f"config.json names the format {args.converted_format!r}, which this version cannot read "
+                         f"(it reads {CONVERTED_FORMAT}); upgrade dsocr-mlx or re-convert the model")
+    if any(n.startswith("language_model.") for n in names):
+        return "mlx-vlm"
+    if "lm_head.weight" in names or any(n.startswith("model.") for n in names):
+        return "hf"
+    sample = ", ".join(sorted(names)[:3]) or "no tensors"
+    raise ValueError(f"unknown checkpoint layout (found {sample}): expected the original deepseek-ai/DeepSeek-OCR "
+                     "layout, a folder written by `dsocr convert`, or an mlx-vlm conversion")

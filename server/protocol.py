@@ -8,9 +8,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from dsocr_mlx.pipeline import TASKS
-from dsocr_mlx.processing import MODES
-from dsocr_mlx.serving import OUTPUTS, OCROptions, StreamedPage
+from dsocr_mlx.options import OCROptions, OptionError, coerce, option_fields
+from dsocr_mlx.pipeline import OCRResult
 
 
 class APIError(Exception):
@@ -86,7 +85,43 @@ def _split_content(content: Any, key: str) -> tuple[str, list[str], list[str]]:
     return "\n".join(t for t in texts if t.strip()), images, files
 
 
-def parse_request(body: dict, key: str, ocr_defaults: dict, max_tokens_cap: int) -> OCRRequest:
+MAX_TOKENS_KEYS = ("max_completion_tokens", "max_tokens", "max_output_tokens")  # chat, legacy, responses
+
+
+def request_options(base: OCROptions, fields: dict[str, Any], max_tokens_cap: int, text: bool = False,
+                    **given: Any) -> OCROptions:
+    """``base`` (the configured options) with a request's option fields, checked, and its token cap applied.
+
+    ``fields`` is a JSON body, or form fields as strings (``text``); ``given`` are options the request
+    implies (a prompt or a task read from its messages).
+
+    Raises:
+        APIError: a field of the wrong type or out of range, named in ``param``.
+    """
+    values, name = dict(given), "max_tokens"
+    try:
+        for f in option_fields("request"):
+            if fields.get(f.name) is not None:
+                value = fields[f.name]
+                values[f.name] = coerce(f.name, [value] if f.name == "stop" and isinstance(value, str) else value,
+                                        text)
+        name = next((k for k in MAX_TOKENS_KEYS if fields.get(k) is not None), name)
+        if fields.get(name) is not None:
+            values["max_new_tokens"] = coerce("max_new_tokens", fields[name], text)
+            if values["max_new_tokens"] < 1:
+                raise OptionError("max_new_tokens", f"'{name}' must be a positive integer")
+        # The OpenAI ranges of these two fields.
+        if not 0 <= values.get("temperature", 0) <= 2:
+            raise OptionError("temperature", "'temperature' must be between 0 and 2")
+        if len(values.get("stop", ())) > 4:
+            raise OptionError("stop", "'stop' must be a string or a list of up to 4 strings")
+        options = base.merged(**values)
+    except OptionError as e:
+        raise APIError(400, str(e), param=name if e.option == "max_new_tokens" else e.option) from None
+    return options.merged(max_new_tokens=min(options.max_new_tokens, max_tokens_cap))
+
+
+def parse_request(body: dict, key: str, base: OCROptions, max_tokens_cap: int) -> OCRRequest:
     """Parse a chat completions (``key="messages"``) or responses (``key="input"``) body.
 
     Raises:
@@ -95,43 +130,28 @@ def parse_request(body: dict, key: str, ocr_defaults: dict, max_tokens_cap: int)
     text, images, files = _split_content(_last_user_content(body.get(key), key), key)
     if _get(body, "n", int, 1) != 1:
         raise APIError(400, "only n=1 is supported", param="n")
-    tokens_key = next((k for k in ("max_completion_tokens", "max_tokens", "max_output_tokens") if k in body),
-                      "max_tokens")
-    max_tokens = _get(body, tokens_key, int, min(ocr_defaults["max_new_tokens"], max_tokens_cap), lambda v: v >= 1,
-                      "a positive integer")
-    stop = _get(body, "stop", (str, list), [], lambda v: isinstance(v, str) or (
-        len(v) <= 4 and all(isinstance(s, str) for s in v)), "a string or a list of up to 4 strings")
-    task = _get(body, "task", str, None, lambda v: v in TASKS, f"one of {', '.join(TASKS)}")
-    options = OCROptions(
-        mode=_get(body, "mode", str, ocr_defaults["mode"], lambda v: v in MODES, f"one of {', '.join(MODES)}"),
-        max_new_tokens=min(max_tokens, max_tokens_cap),
-        temperature=float(_get(body, "temperature", (int, float), ocr_defaults["temperature"],
-                               lambda v: 0 <= v <= 2, "between 0 and 2")),
-        top_p=float(_get(body, "top_p", (int, float), ocr_defaults["top_p"], lambda v: 0 < v <= 1,
-                         "in (0, 1]")),
-        seed=_get(body, "seed", int), stop=[stop] if isinstance(stop, str) else stop,
-        no_repeat_ngram_size=_get(body, "no_repeat_ngram_size", int, None, lambda v: v >= 0, "an integer >= 0"),
-        ngram_window=_get(body, "ngram_window", int, None, lambda v: v >= 1, "a positive integer"),
-        detect_loops=_get(body, "detect_loops", bool, ocr_defaults["detect_loops"]),
-        output=_get(body, "output", str, "markdown", lambda v: v in OUTPUTS, f"one of {', '.join(OUTPUTS)}"),
-    )
+    stream = bool(_get(body, "stream", bool))
     # A task picks the official prompt (the text is then what `locate` looks for); otherwise the text is
-    # the prompt, and with no text either, the configured default task.
+    # the prompt, and with no text either, the configured task.
+    task = _get(body, "task", str)
     if task or not text:
         if not images and not files:
             raise APIError(400, "the request has no image: send one as an image_url part", code="no_image",
                            param=key)
-        options.task, options.ref = task or ocr_defaults["task"], text or None
+        implied = dict(task=task or base.task or "markdown", ref=text or None)
     else:
-        options.prompt = text if "<image>" in text else "<image>\n" * len(images + files) + text
+        implied = dict(prompt=text if "<image>" in text else "<image>\n" * len(images + files) + text)
+    if stream:  # streamed text cannot be taken back, so a loop ends the stream with finish reason "repetition"
+        implied["retry_on_repetition"] = False
+    options = request_options(base, body, max_tokens_cap, **implied)
     stream_options = _get(body, "stream_options", dict, {})
-    return OCRRequest(_get(body, "model", str), images, files, options, bool(_get(body, "stream", bool)),
+    return OCRRequest(_get(body, "model", str), images, files, options, stream,
                       bool(stream_options.get("include_usage")))
 
 
-def usage(pages: list[StreamedPage], responses: bool = False) -> dict[str, Any]:
+def usage(pages: list[OCRResult], responses: bool = False) -> dict[str, Any]:
     prompt = sum(p.prompt_tokens for p in pages)
-    completion = sum(p.completion_tokens for p in pages)
+    completion = sum(p.generated_tokens for p in pages)
     details = {"cached_tokens": 0, "image_tokens": sum(p.image_tokens for p in pages)}
     if responses:
         return {"input_tokens": prompt, "input_tokens_details": details, "output_tokens": completion,
@@ -140,7 +160,7 @@ def usage(pages: list[StreamedPage], responses: bool = False) -> dict[str, Any]:
             "prompt_tokens_details": details}
 
 
-def finish_reason(pages: list[StreamedPage]) -> str:
+def finish_reason(pages: list[OCRResult]) -> str:
     reasons = {p.finish_reason for p in pages}
     return next((r for r in ("length", "repetition") if r in reasons), "stop")
 
@@ -157,7 +177,7 @@ class ChatShapes:
         self.id, self.created, self.model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), model
         self.include_usage = include_usage
 
-    def completion(self, text: str, pages: list[StreamedPage]) -> dict[str, Any]:
+    def completion(self, text: str, pages: list[OCRResult]) -> dict[str, Any]:
         choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason(pages),
                   "logprobs": None}
         return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
@@ -168,7 +188,7 @@ class ChatShapes:
                 "choices": [] if usage else [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
         return sse(body | ({"usage": usage} if self.include_usage else {}))
 
-    def closing(self, pages: list[StreamedPage]) -> list[str]:
+    def closing(self, pages: list[OCRResult]) -> list[str]:
         last = [self.chunk({}, usage=usage(pages))] if self.include_usage else []
         return [self.chunk({}, finish_reason(pages)), *last, sse("[DONE]")]
 
@@ -184,7 +204,7 @@ class ResponseShapes:
         self.created, self.model, self.seq, self.parts = int(time.time()), model, 0, []
         self.where = {"item_id": self.msg_id, "output_index": 0, "content_index": 0}
 
-    def response(self, text: str | None, pages: list[StreamedPage] | None) -> dict[str, Any]:
+    def response(self, text: str | None, pages: list[OCRResult] | None) -> dict[str, Any]:
         reason = finish_reason(pages) if pages is not None else None
         status = "in_progress" if reason is None else "incomplete" if reason == "length" else "completed"
         return {"id": self.id, "object": "response", "created_at": self.created, "model": self.model,
@@ -213,7 +233,7 @@ class ResponseShapes:
         self.parts.append(text)
         return self.event("response.output_text.delta", **self.where, delta=text, logprobs=[])
 
-    def closing(self, pages: list[StreamedPage]) -> list[str]:
+    def closing(self, pages: list[OCRResult]) -> list[str]:
         text = "".join(self.parts)
         return [self.event("response.output_text.done", **self.where, text=text, logprobs=[]),
                 self.event("response.content_part.done", **self.where,

@@ -21,7 +21,7 @@ GROUNDED = ("<|ref|>title<|/ref|><|det|>[[10, 20, 500, 100]]<|/det|>\n# Quarterl
 class ScriptedRuntime:
     """A backend that plays back scripted token sequences, one per attempt, and records its settings."""
 
-    name, dtype = "scripted", "float32"
+    name, dtype, device = "scripted", "float32", "cpu"
 
     def __init__(self, scripts: list[list[int]]):
         self.scripts = scripts
@@ -34,6 +34,15 @@ class ScriptedRuntime:
         self.calls.append(params)
         script = self.scripts[min(len(self.calls) - 1, len(self.scripts) - 1)]
         yield from script[:max_tokens]
+
+    def prefill_logits(self, inputs, embeddings):
+        raise NotImplementedError
+
+    def to_numpy(self, x):
+        raise NotImplementedError
+
+    def synchronize(self):
+        pass
 
 
 @pytest.fixture(scope="module")
@@ -110,9 +119,11 @@ def test_a_loop_stops_early_and_is_retried_once_with_stronger_settings(tokenizer
     assert second.repetition_penalty > 1.0
 
     model, runtime = scripted(tokenizer, loop)
-    stream = list(model.stream_ocr(Image.new("RGB", (300, 300)), mode="tiny", max_new_tokens=4000))
+    stream = list(model.stream_ocr(Image.new("RGB", (300, 300)), mode="tiny", max_new_tokens=4000,
+                                   retry_on_repetition=False))
     assert stream[-1].finish_reason == "repetition" and len(stream) < 600  # stopped long before the limit
-    assert len(runtime.calls) == 1  # streaming does not retry unless asked
+    assert stream[-1].result.finish_reason == "repetition" and not stream[-1].result.retried
+    assert len(runtime.calls) == 1
 
     model, _ = scripted(tokenizer, loop)
     kept = model.ocr(Image.new("RGB", (300, 300)), mode="tiny", max_new_tokens=4000, detect_loops=False)
@@ -122,10 +133,13 @@ def test_a_loop_stops_early_and_is_retried_once_with_stronger_settings(tokenizer
 def test_streamed_retry_announces_a_restart(tokenizer):
     loop = tokenizer.encode("again and again ") * 300
     model, _ = scripted(tokenizer, loop, tokenizer.encode("fine") + [1])
-    stream = list(model.stream_ocr(Image.new("RGB", (300, 300)), mode="tiny", retry_on_repetition=True))
+    stream = list(model.stream_ocr(Image.new("RGB", (300, 300)), mode="tiny"))  # retry is the default
     restarts = [i for i, r in enumerate(stream) if r.restart]
-    assert len(restarts) == 1 and stream[restarts[0] - 1].finish_reason == "repetition"
+    assert len(restarts) == 1 and stream[restarts[0]].repetition is not None
+    assert all(r.finish_reason is None for r in stream[:-1])  # the loop's end is the restart, not a finish
     assert "".join(r.text for r in stream[restarts[0] + 1 :]) == "fine" and stream[-1].finish_reason == "stop"
+    assert "".join(r.output for r in stream[restarts[0] + 1 :]) == "fine" == stream[-1].result.text
+    assert stream[-1].result.retried
 
 
 def test_sampling_settings_reach_the_backend(tokenizer):

@@ -27,14 +27,14 @@ pytest.importorskip("starlette")
 uvicorn = pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 
-from dsocr_server import create_app  # noqa: E402
+from dsocr_server import create_app, remote  # noqa: E402
 
 import dsocr_mlx  # noqa: E402
-from dsocr_mlx import remote  # noqa: E402
 from dsocr_mlx.pipeline import join_pages  # noqa: E402
+from dsocr_mlx.processing import decode_image  # noqa: E402
 from dsocr_mlx.random_checkpoint import tiny_args, write_random_checkpoint  # noqa: E402
-from dsocr_mlx.serving import TextStream, markdown_transform  # noqa: E402
-from dsocr_mlx.settings import DEFAULTS  # noqa: E402
+from dsocr_mlx.settings import Settings  # noqa: E402
+from dsocr_mlx.textstream import TextStream, final_text  # noqa: E402
 
 KEY = "test-key"
 TOKENS = 6
@@ -86,11 +86,12 @@ class SlowModel:
 
 
 @contextlib.contextmanager
-def running_server(ckpt: Path, extra_models: dict | None = None, loader=None, backend: str = "mlx", **server):
-    settings = {section: dict(values) for section, values in DEFAULTS.items()}
-    settings["model"].update(path=str(ckpt), dtype="float32", backend=backend)
-    settings["ocr"].update(mode="tiny", max_new_tokens=TOKENS)
-    settings["server"].update({"api_key": KEY, "max_body_mb": 1, "max_tokens_cap": 64, "models": extra_models or {},
+def running_server(ckpt: Path, extra_models: dict | None = None, loader=None, backend: str = "mlx",
+                   ocr: dict | None = None, **server):
+    settings = Settings()
+    settings.model.update(path=str(ckpt), dtype="float32", backend=backend)
+    settings.ocr = settings.ocr.merged(**{"mode": "tiny", "max_new_tokens": TOKENS, **(ocr or {})})
+    settings.server.update({"api_key": KEY, "max_body_mb": 1, "max_tokens_cap": 64, "models": extra_models or {},
                                **server})
     app = create_app(settings, loader=loader)
     port = free_port()
@@ -491,7 +492,7 @@ def test_fetch_url_checks_every_hop_and_the_size():
     kwargs = dict(max_bytes=100_000, timeout=5, resolve=lambda h, p: hosts[h], allowed=lambda a: a == "127.0.0.1")
     try:
         data = remote.fetch_url(f"http://outside.test:{port}/image.png", **kwargs)
-        assert remote.decode_image(data, 10**6).size == (120, 90)
+        assert decode_image(data, 10**6).size == (120, 90)
         with pytest.raises(ValueError, match="private or local"):
             remote.fetch_url(f"http://outside.test:{port}/redirect", **kwargs)
         with pytest.raises(ValueError, match="larger than"):
@@ -507,16 +508,14 @@ def test_fetch_url_checks_every_hop_and_the_size():
 def test_text_stream_holds_back_what_may_change():
     raw = "  <|ref|>title<|/ref|><|det|>[[1, 2, 3, 4]]<|/det|>\n# Head\n<|ref|>image<|/ref|><|det|>[[5, 6, 7, 8]]" \
           "<|/det|>\nbody text END more  "
-    stream = TextStream(markdown_transform(), stop=["END"])
-    out = ""
-    for i in range(0, len(raw), 3):
-        piece = stream.feed(raw[i:i + 3])
-        assert "<|" not in piece
+    stream = TextStream("markdown", stop=["END"])
+    out, cut = "", raw.index("END")
+    for i in range(0, cut, 3):
+        piece = stream.feed(raw[:i + 3])  # the front end cuts the raw text at the stop string
+        assert "<|" not in piece and "EN" not in piece
         out += piece
-        if stream.stopped:
-            break
-    out += stream.finish()
-    assert stream.stopped and out == stream.final_text == "\n# Head\n![](images/0.jpg)\n\nbody text"
+    out += stream.finish(final_text(raw[:cut].strip(), "markdown"))
+    assert out == "\n# Head\n![](images/0.jpg)\n\nbody text"
 
 
 def test_serve_command_builds_the_app_from_options_and_config(tiny_ckpt, tmp_path, monkeypatch):
@@ -533,3 +532,77 @@ def test_serve_command_builds_the_app_from_options_and_config(tiny_ckpt, tmp_pat
     assert result.exit_code == 0, result.output
     assert calls["host"] == "127.0.0.1" and calls["port"] == 8123  # loopback by default; options beat the file
     assert calls["app"].state.worker.queue.maxsize == 3 and calls["app"].state.worker.default == "tiny"
+    assert calls["app"].state.dsocr.limits["api_key"] == "k"
+
+
+def test_config_sampling_settings_change_what_a_chat_request_generates(tiny_ckpt, tiny_model, tmp_path):
+    from dsocr_mlx.settings import load_settings
+
+    config = tmp_path / "config.toml"
+    sampling = "temperature = 5.0\nseed = 3\n"  # the tiny model's logits are steep: a high temperature
+    config.write_text(f'[ocr]\nmode = "tiny"\nmax_new_tokens = 12\n{sampling}top_k = 5\nrepetition_penalty = 1.2\n')
+    settings = load_settings(config)
+    settings.model.update(path=str(tiny_ckpt), dtype="float32")
+    data = png(30)
+    without = expected(tiny_model, data, 12, temperature=5.0, seed=3)
+    penalised = expected(tiny_model, data, 12, temperature=5.0, seed=3, top_k=5, repetition_penalty=1.2)
+    assert penalised.token_ids != without.token_ids  # the two settings matter for this image
+    app = create_app(settings)
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=3, timeout=60)
+        r = client.chat.completions.create(model="tiny", messages=image_message(data))
+        assert r.choices[0].message.content == penalised.text and r.usage.completion_tokens == 12
+    finally:
+        srv.should_exit = True
+        thread.join(30)
+
+
+def test_ocr_upload_honours_the_sampling_fields(base, tiny_model):
+    data = png(31)
+    fields = {"task": "free", "mode": "tiny", "max_tokens": "10", "temperature": "2", "top_k": "8", "seed": "4",
+              "repetition_penalty": "1.3"}
+    body, ctype = multipart(fields, ("scan.png", data))
+    status, _, result = request(base, "/v1/ocr", body, headers={"Content-Type": ctype})
+    assert status == 200, result
+    image = Image.open(io.BytesIO(data))
+    want = tiny_model.ocr(image, task="free", mode="tiny", max_new_tokens=10, temperature=2.0, top_k=8, seed=4,
+                          repetition_penalty=1.3)
+    greedy = tiny_model.ocr(image, task="free", mode="tiny", max_new_tokens=10)
+    assert want.token_ids != greedy.token_ids
+    assert result["results"][0]["text"] == want.text
+    body, ctype = multipart({"temperature": "warm"}, ("scan.png", data))
+    status, _, error = request(base, "/v1/ocr", body, headers={"Content-Type": ctype})
+    assert_error(status, error, 400)
+    assert error["error"]["param"] == "temperature"
+
+
+def test_handlers_stand_alone():
+    """A handler reads only the app's ServerState: it runs without a server, a model or a worker thread."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from dsocr_server import handlers
+    from dsocr_server.protocol import APIError
+    from starlette.requests import Request
+
+    from dsocr_mlx.options import OCROptions
+
+    worker = SimpleNamespace(state="ready", resident="a", busy=False, queue=SimpleNamespace(qsize=lambda: 0))
+    limits = {"allow_model_switch": False, "allow_remote_images": False, "max_body_mb": 1}
+    state = handlers.ServerState(OCROptions(), limits, {"a": "a-path", "b": "b-path"}, "a", worker)
+    app = SimpleNamespace(state=SimpleNamespace(dsocr=state))
+    request = Request({"type": "http", "method": "GET", "path": "/", "headers": [], "app": app})
+    models = json.loads(asyncio.run(handlers.list_models(request)).body)
+    assert [m["id"] for m in models["data"]] == ["a"]  # switching disabled: only the served model
+    assert json.loads(asyncio.run(handlers.health(request)).body)["status"] == "ready"
+    assert handlers.pick_model(state, None) == "a"
+    for name, status in (("b", 400), ("c", 404)):
+        with pytest.raises(APIError) as info:
+            handlers.pick_model(state, name)
+        assert info.value.status == status
+    with pytest.raises(APIError, match="remote image URLs are disabled"):
+        handlers.read_url(state, "https://example.com/a.png")

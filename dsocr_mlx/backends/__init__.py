@@ -1,6 +1,7 @@
 """Backends run the same model: MLX (Apple Silicon, or CPU on Linux) and PyTorch (CPU and CUDA).
 
-Each is imported lazily, so ``import dsocr_mlx`` pulls in neither mlx nor torch.
+Each is imported lazily, so ``import dsocr_mlx`` pulls in neither mlx nor torch. What a backend
+provides is written down in :mod:`.runtime` (the :class:`Runtime` protocol).
 """
 
 from __future__ import annotations
@@ -9,7 +10,11 @@ import importlib
 import importlib.util
 import platform
 import sys
-from typing import Any
+
+from .runtime import Backend, Runtime, RuntimeBase
+
+__all__ = ["BACKENDS", "DTYPES", "Backend", "Runtime", "RuntimeBase", "check_dtype", "default_backend",
+           "get_backend"]
 
 BACKENDS = {
     "mlx": ("dsocr_mlx.backends.mlx", "mlx.core", 'pip install "dsocr-mlx"  (needs mlx, or mlx[cpu] on Linux)'),
@@ -46,7 +51,7 @@ def default_backend(device: str | None = None) -> str:
     return "mlx"
 
 
-def get_backend(name: str, device: str | None = None) -> Any:
+def get_backend(name: str, device: str | None = None) -> Backend:
     """The backend module for ``name`` (or ``auto``), with a clear error when it or its framework is missing."""
     if name == "auto":
         name = default_backend(device)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import mlx.core as mx
@@ -10,34 +9,13 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from ...config import ModelArgs
-from ...processing import ProcessedInputs
-from ...sampling import SamplingParams
-from ...weights import check_checkpoint, checkpoint_shapes, safetensors_shapes, weight_files
-from .generate import generate_step, make_logits_processors, make_sampler, prefill
+from ...weights import check_checkpoint, checkpoint_layout, checkpoint_shapes, safetensors_shapes, weight_files
+from ..runtime import RuntimeBase
+from . import generate
 from .model import Model
 from .quantize import quantize_like
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
-
-
-# Written into config.json by our converter: the weights are already in this backend's layout.
-CONVERTED_FORMAT = "dsocr-mlx/1"
-
-
-def detect_layout(args: ModelArgs, names: set[str]) -> str:
-    """``"hf"`` (original checkpoint), ``"converted"`` (ours) or ``"mlx-vlm"`` (mlx-community conversions)."""
-    if args.converted_format == CONVERTED_FORMAT:
-        return "converted"
-    if args.converted_format:
-        raise ValueError(f"config.json names the format {args.converted_format!r}, which this version cannot read "
-                         f"(it reads {CONVERTED_FORMAT}); upgrade dsocr-mlx or re-convert the model")
-    if any(n.startswith("language_model.") for n in names):
-        return "mlx-vlm"
-    if "lm_head.weight" in names or any(n.startswith("model.") for n in names):
-        return "hf"
-    sample = ", ".join(sorted(names)[:3]) or "no tensors"
-    raise ValueError(f"unknown checkpoint layout (found {sample}): expected the original deepseek-ai/DeepSeek-OCR "
-                     "layout, a folder written by `dsocr convert`, or an mlx-vlm conversion")
 
 
 def from_mlx_vlm(weights: dict[str, mx.array]) -> dict[str, mx.array]:
@@ -83,7 +61,7 @@ def load_model(folder: str | Path, args: ModelArgs, dtype: str = "float16", for_
     """
     files = weight_files(folder)
     names = safetensors_shapes(files)
-    layout = detect_layout(args, set(names))
+    layout = checkpoint_layout(args, set(names))
     source = f"the checkpoint in {folder}"
     if layout == "hf":
         check_checkpoint(names, checkpoint_shapes(args), source)
@@ -127,54 +105,26 @@ def default_dtype(args: ModelArgs, device: str) -> str:
     return args.converted_dtype or "float16"
 
 
-class Runtime:
-    """What the backend-neutral pipeline calls: vision, prefill logits and token generation."""
+class Runtime(RuntimeBase):
+    """The MLX runtime (the pipeline's contract: :class:`~dsocr_mlx.backends.runtime.Runtime`)."""
 
     name = "mlx"
-
-    def __init__(self, model: Model, dtype: str):
-        self.model = model
-        self.dtype = dtype
-        self.device = resolve_device(None)
+    generation = generate
 
     @classmethod
     def load(cls, folder: str | Path, args: ModelArgs, dtype: str, device: str | None = None) -> Runtime:
-        resolve_device(device)
-        return cls(load_model(folder, args, dtype), dtype)
+        return cls(load_model(folder, args, dtype), dtype, resolve_device(device))
 
-    def image_embeddings(self, inputs: ProcessedInputs) -> mx.array | None:
-        if inputs.global_pixels.shape[0] == 0:
-            return None
-        dtype = DTYPES[self.dtype]
+    def pixels(self, array: np.ndarray) -> mx.array:
         # The one place where NCHW pixels become MLX's NHWC.
-        global_pixels = mx.array(inputs.global_pixels.transpose(0, 2, 3, 1)).astype(dtype)
-        crops = None
-        if inputs.crop_pixels.shape[0]:
-            crops = mx.array(inputs.crop_pixels.transpose(0, 2, 3, 1)).astype(dtype)
-        out = self.model.model.encode_images(global_pixels, crops, inputs.images_spatial_crop)
-        mx.eval(out)
-        return out
+        return mx.array(array.transpose(0, 2, 3, 1)).astype(DTYPES[self.dtype])
 
-    def input_embeddings(self, inputs: ProcessedInputs, image_embeddings: mx.array | None) -> mx.array:
-        ids = mx.array(inputs.input_ids[None].astype(np.int32))
-        return self.model.model.get_input_embeddings(ids, image_embeddings, inputs.images_seq_mask)
+    def token_ids(self, ids: np.ndarray) -> mx.array:
+        return mx.array(ids.astype(np.int32))
 
-    def prefill_logits(self, inputs: ProcessedInputs, image_embeddings: mx.array | None) -> np.ndarray:
-        embeds = self.input_embeddings(inputs, image_embeddings)
-        logits = prefill(self.model, embeds, self.model.make_cache())
-        return np.array(logits[0], dtype=np.float32)
+    def evaluate(self, x: mx.array) -> mx.array:
+        mx.eval(x)
+        return x
 
-    def generate(self, inputs: ProcessedInputs, image_embeddings: mx.array | None, max_tokens: int,
-                 params: SamplingParams | None = None) -> Iterator[int]:
-        """Token ids one by one (the caller stops on EOS); greedy with no processors by default."""
-        params = params or SamplingParams(no_repeat_ngram_size=0)
-        embeds = self.input_embeddings(inputs, image_embeddings)
-        prompt = inputs.input_ids.tolist()
-        sampler = make_sampler(params.temperature, params.top_p, params.top_k, params.seed)
-        for token, _ in generate_step(prompt, self.model, input_embeddings=embeds, max_tokens=max_tokens,
-                                      sampler=sampler, logits_processors=make_logits_processors(params, len(prompt))):
-            yield token
-
-    @staticmethod
-    def to_numpy(x: mx.array) -> np.ndarray:
+    def to_numpy(self, x: mx.array) -> np.ndarray:
         return np.array(x.astype(mx.float32))

@@ -14,8 +14,8 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from ...config import ModelArgs
-from ...weights import check_checkpoint, checkpoint_shapes, safetensors_shapes, weight_files
-from . import CONVERTED_FORMAT, DTYPES, detect_layout, from_mlx_vlm
+from ...weights import check_checkpoint, checkpoint_layout, checkpoint_shapes, safetensors_shapes, weight_files
+from . import DTYPES, from_mlx_vlm
 from .model import Model
 from .quantize import QuantPolicy, quant_predicate
 
@@ -25,7 +25,7 @@ def converted_tensors(folder: Path, args: ModelArgs, dtype: str,
     """Yield ``(key, lazy array)`` of the converted checkpoint in a stable order."""
     files = weight_files(folder)
     names = safetensors_shapes(files)
-    layout = detect_layout(args, set(names))
+    layout = checkpoint_layout(args, set(names))
     if layout == "converted" or args.quantization:
         raise ValueError(f"{folder} is already converted{' and quantized' if args.quantization else ''}: "
                          "convert from the original deepseek-ai/DeepSeek-OCR checkpoint instead")
@@ -108,4 +108,4 @@ def tensor_count(folder: Path, args: ModelArgs, policy: QuantPolicy | None) -> i
     return n + extra * sum(1 for path, m in skeleton.named_modules() if path and predicate(path, m))
 
 
-__all__ = ["CONVERTED_FORMAT", "converted_tensors", "tensor_count", "write_shards"]
+__all__ = ["converted_tensors", "tensor_count", "write_shards"]

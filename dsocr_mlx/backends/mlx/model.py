@@ -114,6 +114,14 @@ class Model(nn.Module):
     def layers(self) -> list[Any]:
         return self.model.layers
 
+    def encode_images(self, global_pixels: mx.array, crop_pixels: mx.array | None,
+                      crop_grid: np.ndarray) -> mx.array:
+        return self.model.encode_images(global_pixels, crop_pixels, crop_grid)
+
+    def get_input_embeddings(self, input_ids: mx.array, image_embeddings: mx.array | None = None,
+                             image_mask: np.ndarray | None = None) -> mx.array:
+        return self.model.get_input_embeddings(input_ids, image_embeddings, image_mask)
+
     @staticmethod
     def sanitize(weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """Original checkpoint -> MLX layout: convs to OHWI, routed experts stacked per projection."""

@@ -9,21 +9,20 @@ import numpy as np
 import torch
 
 from ...config import ModelArgs
-from ...processing import ProcessedInputs
-from ...sampling import SamplingParams
 from ...weights import (
     CONV_WEIGHTS,
     check_checkpoint,
+    checkpoint_layout,
     checkpoint_shapes,
     read_safetensors_header,
     safetensors_shapes,
     weight_files,
 )
-from .generate import generate_step, make_logits_processors, make_sampler, prefill
+from ..runtime import RuntimeBase
+from . import generate
 from .model import Model
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-CONVERTED_FORMAT = "dsocr-mlx/1"  # folders written by `dsocr convert`: MLX layout, float or quantized
 
 
 SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "I64": torch.int64,
@@ -96,24 +95,23 @@ def load_model(folder: str | Path, args: ModelArgs, dtype: str = "float32", devi
     files = weight_files(folder)
     names = safetensors_shapes(files)
     source = f"the checkpoint in {folder}"
-    converted = args.converted_format == CONVERTED_FORMAT
     if args.quantization:
         raise ValueError(f"{folder} is quantized ({args.quantization.get('bits')}-bit), which only the MLX backend "
                          "runs; use --backend mlx, or convert the original checkpoint to a float dtype")
-    if args.converted_format and not converted:
-        raise ValueError(f"config.json names the format {args.converted_format!r}, which this version cannot read")
-    if any(n.startswith("language_model.") for n in names):
+    layout = checkpoint_layout(args, set(names))
+    converted = layout == "converted"
+    if layout == "mlx-vlm":
         raise ValueError(f"{folder} is an mlx-vlm conversion, which only the MLX backend reads; use --backend mlx "
                          "or the original deepseek-ai/DeepSeek-OCR checkpoint")
     if not converted:
         check_checkpoint(names, checkpoint_shapes(args), source)
     # The layout check runs on meta tensors; then every parameter is allocated once, in its dtype on its
     # device, and each checkpoint tensor is copied into its place (an expert into its row of the stack).
-    layout = Model.sanitize({k: torch.empty(v, device="meta") for k, v in names.items()}, converted)
+    sanitized = Model.sanitize({k: torch.empty(v, device="meta") for k, v in names.items()}, converted)
     with torch.device("meta"):
         model = Model(args).to(DTYPES[dtype])
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    check_checkpoint({k: tuple(v.shape) for k, v in layout.items()}, expected, source)
+    check_checkpoint({k: tuple(v.shape) for k, v in sanitized.items()}, expected, source)
     model = model.to_empty(device=device)
     params = dict(model.named_parameters())
     with torch.no_grad():
@@ -126,53 +124,29 @@ def load_model(folder: str | Path, args: ModelArgs, dtype: str = "float32", devi
     return model.eval()
 
 
-class Runtime:
-    """What the backend-neutral pipeline calls: vision, prefill logits and token generation."""
+class Runtime(RuntimeBase):
+    """The PyTorch runtime (the pipeline's contract: :class:`~dsocr_mlx.backends.runtime.Runtime`)."""
 
     name = "torch"
-
-    def __init__(self, model: Model, dtype: str, device: str):
-        self.model = model
-        self.dtype = dtype
-        self.device = device
+    generation = generate
 
     @classmethod
     def load(cls, folder: str | Path, args: ModelArgs, dtype: str, device: str | None = None) -> Runtime:
         device = resolve_device(device)
         return cls(load_model(folder, args, dtype, device), dtype, device)
 
-    def _pixels(self, array: np.ndarray) -> torch.Tensor:
+    def pixels(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(array)).to(self.device, DTYPES[self.dtype])
 
-    @torch.inference_mode()
-    def image_embeddings(self, inputs: ProcessedInputs) -> torch.Tensor | None:
-        if inputs.global_pixels.shape[0] == 0:
-            return None
-        crops = self._pixels(inputs.crop_pixels) if inputs.crop_pixels.shape[0] else None
-        return self.model.model.encode_images(self._pixels(inputs.global_pixels), crops, inputs.images_spatial_crop)
+    def token_ids(self, ids: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(ids).to(self.device)
 
-    @torch.inference_mode()
-    def input_embeddings(self, inputs: ProcessedInputs, image_embeddings: torch.Tensor | None) -> torch.Tensor:
-        ids = torch.from_numpy(inputs.input_ids[None]).to(self.device)
-        return self.model.model.get_input_embeddings(ids, image_embeddings, inputs.images_seq_mask)
+    def inference(self) -> torch.inference_mode:
+        return torch.inference_mode()
 
-    @torch.inference_mode()
-    def prefill_logits(self, inputs: ProcessedInputs, image_embeddings: torch.Tensor | None) -> np.ndarray:
-        embeds = self.input_embeddings(inputs, image_embeddings)
-        logits = prefill(self.model, embeds, self.model.make_cache())
-        return logits[0].float().cpu().numpy()
-
-    def generate(self, inputs: ProcessedInputs, image_embeddings: torch.Tensor | None, max_tokens: int,
-                 params: SamplingParams | None = None) -> Iterator[int]:
-        """Token ids one by one (the caller stops on EOS); greedy with no processors by default."""
-        params = params or SamplingParams(no_repeat_ngram_size=0)
-        embeds = self.input_embeddings(inputs, image_embeddings)
-        prompt = inputs.input_ids.tolist()
-        sampler = make_sampler(params.temperature, params.top_p, params.top_k, params.seed)
-        for token, _ in generate_step(prompt, self.model, input_embeddings=embeds, max_tokens=max_tokens,
-                                      sampler=sampler, logits_processors=make_logits_processors(params, len(prompt))):
-            yield token
-
-    @staticmethod
-    def to_numpy(x: torch.Tensor) -> np.ndarray:
+    def to_numpy(self, x: torch.Tensor) -> np.ndarray:
         return x.float().cpu().numpy()
+
+    def synchronize(self) -> None:
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize(self.device)

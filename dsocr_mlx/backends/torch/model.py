@@ -113,6 +113,14 @@ class Model(nn.Module):
     def layers(self) -> list[Any]:
         return self.model.layers
 
+    def encode_images(self, global_pixels: torch.Tensor, crop_pixels: torch.Tensor | None,
+                      crop_grid: np.ndarray) -> torch.Tensor:
+        return self.model.encode_images(global_pixels, crop_pixels, crop_grid)
+
+    def get_input_embeddings(self, input_ids: torch.Tensor, image_embeddings: torch.Tensor | None = None,
+                             image_mask: np.ndarray | None = None) -> torch.Tensor:
+        return self.model.get_input_embeddings(input_ids, image_embeddings, image_mask)
+
     @staticmethod
     def destination(key: str) -> tuple[str, int | None]:
         """Where checkpoint tensor ``key`` goes: a parameter name, and the expert's row of a stacked one."""

@@ -1,4 +1,4 @@
-"""Untrusted image input for the server: bounded decoding, ``data:`` URLs, and an SSRF-safe http(s) fetcher.
+"""Untrusted image input for the server: ``data:`` URLs and an SSRF-safe http(s) fetcher.
 
 Nothing here reads a local path: requests name images by content or by a public URL only.
 """
@@ -8,44 +8,12 @@ from __future__ import annotations
 import base64
 import binascii
 import http.client
-import io
 import ipaddress
 import socket
 import ssl
 import time
 from collections.abc import Callable
 from urllib.parse import urljoin, urlsplit
-
-from PIL import Image, UnidentifiedImageError
-
-# Raster formats only: Pillow's other openers (EPS through Ghostscript, for one) are not for untrusted bytes.
-IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
-
-
-def decode_image(data: bytes, max_pixels: int) -> Image.Image:
-    """Decode untrusted image bytes into an RGB image, refusing decompression bombs before decoding pixels.
-
-    Raises:
-        ValueError: the bytes are not a complete image in a supported format, or declare more than
-            ``max_pixels`` pixels (checked from the header, before any pixel is decoded).
-    """
-    from .processing import load_image
-
-    Image.init()  # registers every opener, so the formats named below are known
-    try:
-        img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)  # reads the header only
-    except Image.DecompressionBombError:
-        raise ValueError(f"the image declares more than {max_pixels} pixels") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
-        raise ValueError(f"the data is not an image in a supported format ({', '.join(IMAGE_FORMATS)})") from None
-    width, height = img.size
-    if width * height > max_pixels:
-        raise ValueError(f"the image declares {width}x{height} pixels, more than the limit of {max_pixels}")
-    try:
-        img.load()
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise ValueError(f"the image is truncated or corrupt ({e})") from None
-    return load_image(img)
 
 
 def decode_data_url(url: str) -> tuple[str, bytes]:

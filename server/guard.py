@@ -1,0 +1,92 @@
+"""The outermost layer of the server: API key, body limit, access log, and errors in OpenAI's shape."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from starlette.responses import JSONResponse
+
+from .protocol import APIError
+from .worker import JobCancelled, JobTimeout, ModelLoadError, QueueFull
+
+logger = logging.getLogger("dsocr_server")
+access_log = logging.getLogger("dsocr_server.access")
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+def as_api_error(e: BaseException) -> APIError:
+    """Map library and worker exceptions to HTTP errors; anything unexpected stays a generic 500."""
+    if isinstance(e, APIError):
+        return e
+    if isinstance(e, QueueFull):
+        return APIError(429, str(e), "rate_limit_error", "queue_full", headers={"Retry-After": str(e.retry_after)})
+    if isinstance(e, JobTimeout):
+        return APIError(504, "the request took longer than the server's request_timeout", "timeout_error", "timeout")
+    if isinstance(e, ModelLoadError):
+        return APIError(503, str(e), "server_error", "model_unavailable")
+    if isinstance(e, JobCancelled):
+        return APIError(499, "the client closed the request", code="client_closed")
+    if isinstance(e, ValueError):
+        return APIError(400, str(e))
+    return APIError(500, "internal server error", "server_error")
+
+
+class Guard:
+    """Outermost checks: API key (constant-time), body size, one access-log line, and no traceback out."""
+
+    def __init__(self, app: Any, api_key: str, max_body: int):
+        self.app, self.api_key, self.max_body = app, api_key, max_body
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status, received = time.perf_counter(), [0], [0]
+
+        async def send_logged(message: dict) -> None:
+            status[0] = message.get("status", status[0])
+            await send(message)
+
+        async def receive_limited() -> dict:
+            message = await receive()
+            received[0] += len(message.get("body", b""))
+            if received[0] > self.max_body:
+                raise BodyTooLarge()
+            return message
+
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        scheme, _, key = headers.get("authorization", "").partition(" ")
+        try:
+            if self.api_key and scope["path"] != "/health" and not (
+                    scheme.lower() == "bearer" and hmac.compare_digest(key.encode(), self.api_key.encode())):
+                raise APIError(401, "missing or incorrect API key (send Authorization: Bearer KEY)",
+                               code="invalid_api_key")
+            if int(headers.get("content-length") or 0) > self.max_body:
+                raise BodyTooLarge()
+            await self.app(scope, receive_limited, send_logged)
+        except Exception as e:  # noqa: BLE001 - the last line of defence: log it, answer in OpenAI's shape
+            error = as_api_error(APIError(413, f"the request body is larger than {self.max_body} bytes",
+                                          code="body_too_large") if isinstance(e, BodyTooLarge) else e)
+            if error.status == 500:
+                logger.exception("unhandled error on %s %s", scope["method"], scope["path"])
+            if not status[0]:
+                # Read (and drop) a bounded rest of the body first: a client still sending would get a reset.
+                drained, more = 0, error.status in (401, 413)
+                while more and drained <= self.max_body:
+                    message = await receive()
+                    drained, more = drained + len(message.get("body", b"")), message.get("more_body", False)
+                await error_response(error)(scope, receive, send_logged)
+        finally:
+            access_log.info('%s "%s %s" %d %.0fms tokens=%s', (scope.get("client") or ("-",))[0], scope["method"],
+                            scope["path"], status[0], 1000 * (time.perf_counter() - start),
+                            scope.get("state", {}).get("tokens", "-"))
+
+
+def error_response(e: APIError) -> JSONResponse:
+    return JSONResponse(e.body(), e.status, headers=e.headers)

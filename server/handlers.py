@@ -1,0 +1,192 @@
+"""The routes: module-level handlers that read the app's :class:`ServerState` (``request.app.state.dsocr``)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from dsocr_mlx.options import OCROptions
+from dsocr_mlx.processing import decode_image
+
+from . import remote
+from .guard import as_api_error, error_response
+from .protocol import APIError, ChatShapes, OCRRequest, ResponseShapes, parse_request, request_options
+from .serving import ocr_document, stream_request
+from .worker import AsyncJob, InferenceWorker, JobCancelled
+
+
+@dataclass
+class ServerState:
+    """What every handler reads: the settings, the configured models and the inference worker."""
+
+    options: OCROptions  # the [ocr] settings: every request's defaults
+    limits: dict[str, Any]  # the [server] settings
+    models: dict[str, str]  # name -> path or repo id
+    default: str
+    worker: InferenceWorker
+
+
+def state(request: Request) -> ServerState:
+    return request.app.state.dsocr
+
+
+def pick_model(s: ServerState, name: str | None) -> str:
+    """The configured model a request names (default: the served one)."""
+    if (name := name or s.default) not in s.models:
+        raise APIError(404, f"the model {name!r} does not exist", code="model_not_found", param="model")
+    if name != s.default and not s.limits["allow_model_switch"]:
+        raise APIError(400, f"the model {name!r} is configured but model switching is disabled "
+                            "(allow_model_switch = false)", code="model_switch_disabled", param="model")
+    return name
+
+
+def read_url(s: ServerState, url: str) -> bytes:
+    """The bytes of a ``data:`` URL, or of an http(s) URL when remote images are allowed."""
+    if url.startswith("data:"):
+        return remote.decode_data_url(url)[1]
+    if not url.startswith(("http://", "https://")):
+        raise APIError(400, "images must be data: or http(s) URLs; local paths are refused", code="invalid_image_url")
+    if not s.limits["allow_remote_images"]:
+        raise APIError(400, "remote image URLs are disabled; send the image as a data: URL",
+                       code="remote_images_disabled")
+    return remote.fetch_url(url, max_bytes=s.limits["max_body_mb"] << 20, timeout=10.0)
+
+
+def load_inputs(s: ServerState, req: OCRRequest) -> tuple[list, bytes | None]:
+    """The request's images, decoded, or its one PDF. Runs in a thread pool: fetching and decoding stay off
+    the event loop and the inference thread."""
+    data = [read_url(s, u) for u in req.image_urls + req.files]
+    pdfs = [d for d in data if d.startswith(b"%PDF-")]
+    if pdfs and len(data) > 1:
+        raise APIError(400, "a PDF must be the only file or image of its request", code="too_many_images")
+    return [decode_image(d, s.limits["max_image_pixels"]) for d in data if not pdfs], (pdfs or [None])[0]
+
+
+async def read_json(request: Request) -> dict:
+    try:
+        body = await request.json()
+    except ValueError:
+        raise APIError(400, "the body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "the body must be a JSON object")
+    return body
+
+
+async def submit(request: Request, key: str) -> tuple[OCRRequest, str, AsyncJob]:
+    """Parse a chat or responses body, load its inputs and queue its job."""
+    s = state(request)
+    req = parse_request(await read_json(request), key, s.options, s.limits["max_tokens_cap"])
+    name = pick_model(s, req.model)
+    if len(req.image_urls) + len(req.files) > s.limits["max_images"]:
+        raise APIError(400, f"at most {s.limits['max_images']} image(s) per request", code="too_many_images",
+                       param=key)
+    images, pdf_data = await asyncio.to_thread(load_inputs, s, req)
+
+    def work(model: Any, emit: Callable[[str], None]) -> list:
+        return stream_request(model, images, pdf_data, req.options, emit, s.limits["max_pdf_pages"])
+
+    return req, name, AsyncJob(s.worker, name, work, s.limits["request_timeout"])
+
+
+async def collect(request: Request, job: AsyncJob) -> str:
+    """The whole text of a job whose response is not streamed."""
+    text = "".join([t async for t in job.events(request.is_disconnected)])
+    request.state.tokens = sum(r.generated_tokens for r in job.result)
+    return text
+
+
+async def stream(request: Request, job: AsyncJob, opening: list[str], piece: Callable[[str], str],
+                 closing: Callable[[list], list[str]], on_error: Callable[[APIError], str]) -> Response:
+    """A server-sent-event response: ``opening`` events, one ``piece`` per text delta, then ``closing``."""
+    events = job.events(request.is_disconnected).__aiter__()
+    try:  # wait for the first event, so that errors before it still get their HTTP status
+        first = [await events.__anext__()]
+    except StopAsyncIteration:
+        first = []
+
+    async def body():
+        try:
+            for chunk in opening + [piece(t) for t in first if t]:
+                yield chunk
+            async for text in events:
+                if text:
+                    yield piece(text)
+            request.state.tokens = sum(r.generated_tokens for r in job.result)
+            for chunk in closing(job.result):
+                yield chunk
+        except Exception as e:  # noqa: BLE001 - past the headers, an error becomes the stream's last event
+            if not isinstance(e, JobCancelled):
+                yield on_error(as_api_error(e))
+        finally:
+            job.cancel()  # a no-op once done; otherwise the client left
+
+    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+async def chat_completions(request: Request) -> Response:
+    """``POST /v1/chat/completions``."""
+    req, name, job = await submit(request, "messages")
+    shapes = ChatShapes(name, req.include_usage)
+    if not req.stream:
+        return JSONResponse(shapes.completion(await collect(request, job), job.result))
+    return await stream(request, job, [shapes.chunk({"role": "assistant", "content": ""})],
+                        lambda text: shapes.chunk({"content": text}), shapes.closing, shapes.error)
+
+
+async def responses(request: Request) -> Response:
+    """``POST /v1/responses``."""
+    req, name, job = await submit(request, "input")
+    shapes = ResponseShapes(name)
+    if not req.stream:
+        return JSONResponse(shapes.response(await collect(request, job), job.result))
+    return await stream(request, job, shapes.opening(), shapes.delta, shapes.closing, shapes.error)
+
+
+async def ocr_upload(request: Request) -> Response:
+    """``POST /v1/ocr``: a multipart ``file`` (image or PDF) and option fields; one result per image or page."""
+    s = state(request)
+    form = await request.form(max_files=1, max_fields=32)
+    upload, fields = form.get("file"), {k: v for k, v in form.items() if isinstance(v, str)}
+    if upload is None or isinstance(upload, str):
+        raise APIError(400, "send the image or PDF as the multipart field 'file'", param="file")
+    prompt, name, data = fields.get("prompt"), pick_model(s, fields.get("model")), await upload.read()
+    implied = {"prompt": prompt if "<image>" in prompt else "<image>\n" + prompt} if prompt else {}
+    if fields.get("ref"):
+        implied["ref"] = fields["ref"]
+    options = request_options(s.options, fields, s.limits["max_tokens_cap"], text=True, **implied)
+    pages, source = fields.get("pages"), upload.filename or "upload"
+
+    def work(model: Any, emit: Callable[[str], None]) -> list[dict]:
+        results = ocr_document(model, data, options, max_pixels=s.limits["max_image_pixels"], pages=pages,
+                               max_pages=s.limits["max_pdf_pages"], on_text=emit)
+        return [r.to_dict() | {"source": source} for r in results]
+
+    job = AsyncJob(s.worker, name, work, s.limits["request_timeout"])
+    [_ async for _ in job.events(request.is_disconnected)]
+    request.state.tokens = sum(r["usage"]["completion_tokens"] for r in job.result)
+    return JSONResponse({"object": "ocr.result", "model": name, "results": job.result})
+
+
+async def list_models(request: Request) -> Response:
+    """``GET /v1/models``: the models a request may name."""
+    s = state(request)
+    usable = [n for n in s.models if n == s.default or s.limits["allow_model_switch"]]
+    return JSONResponse({"object": "list", "data": [
+        {"id": n, "object": "model", "created": 0, "owned_by": "dsocr-mlx"} for n in usable]})
+
+
+async def health(request: Request) -> Response:
+    """``GET /health`` (no key needed): the worker's state, resident model and queue."""
+    w = state(request).worker
+    body = {"status": w.state, "model": w.resident, "busy": w.busy, "queued": w.queue.qsize()}
+    return JSONResponse(body, 503 if w.state == "error" else 200)
+
+
+async def on_http_error(request: Request, e: HTTPException) -> Response:
+    return error_response(APIError(e.status_code, str(e.detail), code="not_found" if e.status_code == 404 else None))

@@ -1,0 +1,77 @@
+"""What a server job runs on the inference thread: a request's pages through the library's one front end.
+
+The client text is the ``output`` deltas of :meth:`OCRModel.stream_ocr`; they add up to each page's
+final text, the same text :meth:`OCRModel.ocr` returns for the same options.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from dsocr_mlx import pdf
+from dsocr_mlx.options import OCROptions
+from dsocr_mlx.pipeline import OCRResult
+from dsocr_mlx.processing import decode_image
+
+
+def stream_page(model: Any, images: list[Any], options: OCROptions, on_delta: Callable[[str], None],
+                page: int | None = None) -> OCRResult:
+    """Run one generation, passing each token's client text delta (often empty) to ``on_delta``."""
+    result = None
+    for response in model.stream_ocr(images or None, options=options, page=page):
+        # Called for every token, even with nothing to show: it is where a cancelled job stops.
+        on_delta(response.output)
+        result = response.result or result
+    assert result is not None, "stream_ocr ends with a result"
+    return result
+
+
+@contextlib.contextmanager
+def pdf_upload(data: bytes, max_pages: int, pages: str | None = None) -> Iterator[Path]:
+    """Uploaded PDF bytes as a temporary file (PDFs render from paths), checked against ``max_pages``.
+
+    Error messages say "the PDF" rather than the temporary file's name.
+    """
+    with tempfile.TemporaryDirectory(prefix="dsocr-") as tmp:
+        path = Path(tmp) / "upload.pdf"
+        path.write_bytes(data)
+        try:
+            count = len(pdf.parse_pages(pages, pdf.page_count(path)))
+            if count > max_pages:
+                raise ValueError(f"the PDF has {count} pages selected, more than the limit of {max_pages}")
+            yield path
+        except ValueError as e:
+            raise ValueError(str(e).replace(str(path), "the PDF")) from None
+
+
+def stream_request(model: Any, images: list[Any], pdf_data: bytes | None, options: OCROptions,
+                   on_delta: Callable[[str], None], max_pages: int = pdf.MAX_PAGES) -> list[OCRResult]:
+    """One request's generations: the images together, or a PDF page by page.
+
+    A PDF's text is the official combined Markdown: each page followed by the page separator.
+    """
+    if pdf_data is None:
+        return [stream_page(model, images, options, on_delta)]
+    results = []
+    with pdf_upload(pdf_data, max_pages) as path:
+        for index, image in pdf.render_pages(path, None, options.dpi, max_pages):
+            results.append(stream_page(model, [image], options, on_delta, page=index))
+            on_delta(f"\n{pdf.PAGE_SEPARATOR}\n")
+    return results
+
+
+def ocr_document(model: Any, data: bytes, options: OCROptions, *, max_pixels: int, pages: str | None = None,
+                 max_pages: int = pdf.MAX_PAGES, on_text: Callable[[str], None] | None = None) -> list[OCRResult]:
+    """OCR of an uploaded image, or of an uploaded PDF's pages.
+
+    Raises:
+        ValueError: an unreadable image or PDF, too many pixels, or more than ``max_pages`` pages selected.
+    """
+    if not data.startswith(b"%PDF-"):
+        return [model.ocr(decode_image(data, max_pixels), options=options, on_text=on_text)]
+    with pdf_upload(data, max_pages, pages) as path:
+        return list(model.ocr_many([path], options=options, pages=pages, on_text=on_text))
