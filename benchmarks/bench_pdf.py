@@ -35,8 +35,13 @@ def main() -> int:
     if args.one:
         from dsocr_mlx.bench import run_pdf_benchmark
 
-        print(json.dumps(run_pdf_benchmark(args.model, backend=args.one, dtype="float32", mode=args.mode,
-                                           pages=args.pages, tokens=args.tokens)))
+        print(
+            json.dumps(
+                run_pdf_benchmark(
+                    args.model, backend=args.one, dtype="float32", mode=args.mode, pages=args.pages, tokens=args.tokens
+                )
+            )
+        )
         return 0
     from dsocr_mlx.bench import machine
     from dsocr_mlx.random_checkpoint import default_bench_checkpoint
@@ -45,15 +50,34 @@ def main() -> int:
     rows = []
     for backend in args.backends:
         print(f"running {backend} ...", file=sys.stderr, flush=True)
-        command = [sys.executable, __file__, "--one", backend, "--model", model, "--pages", str(args.pages),
-                   "--mode", args.mode, "--tokens", str(args.tokens)]
+        command = [
+            sys.executable,
+            __file__,
+            "--one",
+            backend,
+            "--model",
+            model,
+            "--pages",
+            str(args.pages),
+            "--mode",
+            args.mode,
+            "--tokens",
+            str(args.tokens),
+        ]
         rows.append(run_process(command, preload_openblas=backend == "mlx"))
-    lines = [f"Machine: {machine()}", "",
-             f"Model: {model}; {args.pages} pages; mode {args.mode}; up to {args.tokens} tokens per page; float32.", "",
-             "| backend | pages/minute | seconds | generated tokens | peak memory (GB) |",
-             "| --- | --- | --- | --- | --- |"]
-    lines += [f"| {r['environment']['backend']} | {r['pages_per_minute']:.2f} | {r['seconds']:.1f} | "
-              f"{r['generated_tokens']} | {r['peak_memory_gb']:.2f} |" for r in rows]
+    lines = [
+        f"Machine: {machine()}",
+        "",
+        f"Model: {model}; {args.pages} pages; mode {args.mode}; up to {args.tokens} tokens per page; float32.",
+        "",
+        "| backend | pages/minute | seconds | generated tokens | peak memory (GB) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    lines += [
+        f"| {r['environment']['backend']} | {r['pages_per_minute']:.2f} | {r['seconds']:.1f} | "
+        f"{r['generated_tokens']} | {r['peak_memory_gb']:.2f} |"
+        for r in rows
+    ]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "pdf.json").write_text(json.dumps(rows, indent=1))
     (args.out / "pdf.md").write_text("\n".join(lines) + "\n")

@@ -35,11 +35,27 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0"
 MLX_VLM_REQUIREMENTS = ["mlx-vlm==0.7.10", "mlx[cpu]" if sys.platform == "linux" else "mlx"]
-OFFICIAL_REQUIREMENTS = ["torch==2.13.0", "transformers==4.46.3", "tokenizers==0.20.3", "safetensors", "numpy",
-                         "pillow<13", "addict", "easydict", "einops", "tqdm", "requests"]
+OFFICIAL_REQUIREMENTS = [
+    "torch==2.13.0",
+    "transformers==4.46.3",
+    "tokenizers==0.20.3",
+    "safetensors",
+    "numpy",
+    "pillow<13",
+    "addict",
+    "easydict",
+    "einops",
+    "tqdm",
+    "requests",
+]
 OFFICIAL_REPO = "deepseek-ai/DeepSeek-OCR"
-CODE_FILES = ("modeling_deepseekocr.py", "deepencoder.py", "modeling_deepseekv2.py", "configuration_deepseek_v2.py",
-              "conversation.py")
+CODE_FILES = (
+    "modeling_deepseekocr.py",
+    "deepencoder.py",
+    "modeling_deepseekv2.py",
+    "configuration_deepseek_v2.py",
+    "conversation.py",
+)
 # The ratios the benchmark issue aims at: (name, numerator, denominator, stage, higher_is_better, target).
 TARGETS = [
     ("decode tok/s, ours MLX / mlx-vlm", "ours mlx", "mlx-vlm", "decode_tps", True, 1.3),
@@ -130,8 +146,22 @@ def mlx_vlm_folder(envs: Path, checkpoint: Path) -> Path:
 
         (stage / "processor_config.json").write_text(json.dumps(PROCESSOR_CONFIG, indent=2))
     log(f"converting {checkpoint} with mlx-vlm's converter into {out}")
-    subprocess.run([str(env_python(envs, "mlx-vlm")), "-m", "mlx_vlm", "convert", "--hf-path", str(stage),
-                    "--mlx-path", str(out), "--dtype", "float32"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            str(env_python(envs, "mlx-vlm")),
+            "-m",
+            "mlx_vlm",
+            "convert",
+            "--hf-path",
+            str(stage),
+            "--mlx-path",
+            str(out),
+            "--dtype",
+            "float32",
+        ],
+        check=True,
+        capture_output=True,
+    )
     shutil.rmtree(stage)
     return out
 
@@ -154,8 +184,9 @@ def ratios(results: dict[str, dict], device: str = "cpu") -> list[dict]:
         if ours in results and peer in results:
             a, b = results[ours]["median"][stage], results[peer]["median"][stage]
             value = a / b if higher_is_better else b / a
-            rows.append({"ratio": name, "value": value, "target": target,
-                         "met": None if target is None else value >= target})
+            rows.append(
+                {"ratio": name, "value": value, "target": target, "met": None if target is None else value >= target}
+            )
     for name, ours, stage, floor in CUDA_FLOORS if on_gpu else []:
         if ours in results:
             value = results[ours]["median"][stage]
@@ -171,19 +202,26 @@ def report(payload: dict) -> str:
     results = list(payload["results"].values())
     dtype = s.get("dtype", "float32")
     weights = s["weights_gb"]
-    lines = [f"Machine: {payload['machine']}", "",
-             f"Model: {s['model']} ({weights:.2f} GB of weights in {dtype}); mode {s['mode']}; "
-             f"{s['tokens']} generated tokens; {s['trials']} trials after one warm-up; {dtype} on "
-             f"{s.get('device', 'cpu')}; prompt "
-             f"`{s['prompt']!r}`; image {s['image']}.", "",
-             "Versions: " + "; ".join(f"{r['name']}: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items())
-                                      for r in results), "",
-             markdown_table(results), "",
-             "| memory | " + " | ".join(r["name"] for r in results) + " |",
-             "|" + " --- |" * (len(results) + 1),
-             f"| peak / {dtype} weights | " + " | ".join(
-                 f"{r['peak_memory_gb'] / weights:.2f}x" for r in results) + " |", "",
-             "| ratio (> 1: ours is better) | value | target | met |", "| --- | --- | --- | --- |"]
+    lines = [
+        f"Machine: {payload['machine']}",
+        "",
+        f"Model: {s['model']} ({weights:.2f} GB of weights in {dtype}); mode {s['mode']}; "
+        f"{s['tokens']} generated tokens; {s['trials']} trials after one warm-up; {dtype} on "
+        f"{s.get('device', 'cpu')}; prompt "
+        f"`{s['prompt']!r}`; image {s['image']}.",
+        "",
+        "Versions: "
+        + "; ".join(f"{r['name']}: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items()) for r in results),
+        "",
+        markdown_table(results),
+        "",
+        "| memory | " + " | ".join(r["name"] for r in results) + " |",
+        "|" + " --- |" * (len(results) + 1),
+        f"| peak / {dtype} weights | " + " | ".join(f"{r['peak_memory_gb'] / weights:.2f}x" for r in results) + " |",
+        "",
+        "| ratio (> 1: ours is better) | value | target | met |",
+        "| --- | --- | --- | --- |",
+    ]
     for row in payload["ratios"]:
         unit = row.get("unit", "x")
         target = "" if row["target"] is None else f"{row['target']:.1f}{unit}"
@@ -208,8 +246,20 @@ def run(args: argparse.Namespace) -> int:
     page_image().save(image_path)
     mode = MODES[args.mode]
     prompt = "<image>\nFree OCR."
-    common = ["--image", str(image_path), "--prompt", prompt, "--base-size", str(mode.base_size),
-              "--image-size", str(mode.image_size), "--tokens", str(args.tokens), "--trials", str(args.trials)]
+    common = [
+        "--image",
+        str(image_path),
+        "--prompt",
+        prompt,
+        "--base-size",
+        str(mode.base_size),
+        "--image-size",
+        str(mode.image_size),
+        "--tokens",
+        str(args.tokens),
+        "--trials",
+        str(args.trials),
+    ]
     common += ["--crop"] if mode.crop_mode else []
     on_gpu = args.device != "cpu"
     dtype = args.dtype or ("bfloat16" if on_gpu else "float32")
@@ -217,21 +267,71 @@ def run(args: argparse.Namespace) -> int:
     ours_backends = [b for b in args.ours if b == "torch"] if on_gpu else args.ours
     peers = [p for p in args.peers if p == "official"] if on_gpu else args.peers
     torch_flags = ["--device", args.device, "--dtype", dtype]
-    ours_common = ["--model", str(checkpoint), "--mode", args.mode, "--tokens", str(args.tokens),
-                   "--trials", str(args.trials), "--image", str(image_path)]
-    jobs = [(f"ours {backend}", lambda b=backend: run_process(
-                [sys.executable, __file__, "ours", "--backend", b, *ours_common,
-                 *(torch_flags if b == "torch" else ["--dtype", "float32"])], preload_openblas=b == "mlx"))
-            for backend in ours_backends]
+    ours_common = [
+        "--model",
+        str(checkpoint),
+        "--mode",
+        args.mode,
+        "--tokens",
+        str(args.tokens),
+        "--trials",
+        str(args.trials),
+        "--image",
+        str(image_path),
+    ]
+    jobs = [
+        (
+            f"ours {backend}",
+            lambda b=backend: run_process(
+                [
+                    sys.executable,
+                    __file__,
+                    "ours",
+                    "--backend",
+                    b,
+                    *ours_common,
+                    *(torch_flags if b == "torch" else ["--dtype", "float32"]),
+                ],
+                preload_openblas=b == "mlx",
+            ),
+        )
+        for backend in ours_backends
+    ]
     if "mlx-vlm" in peers:
-        jobs.append(("mlx-vlm", lambda: run_process(
-            [str(env_python(envs, "mlx-vlm")), str(HERE / "peers" / "mlx_vlm_stages.py"),
-             "--model", str(mlx_vlm_folder(envs, checkpoint)), *common], preload_openblas=True)))
+        jobs.append(
+            (
+                "mlx-vlm",
+                lambda: run_process(
+                    [
+                        str(env_python(envs, "mlx-vlm")),
+                        str(HERE / "peers" / "mlx_vlm_stages.py"),
+                        "--model",
+                        str(mlx_vlm_folder(envs, checkpoint)),
+                        *common,
+                    ],
+                    preload_openblas=True,
+                ),
+            )
+        )
     if "official" in peers:
-        jobs.append(("official", lambda: run_process(
-            [str(env_python(envs, "official")), str(HERE / "peers" / "official_stages.py"),
-             "--code", str(reference_code), "--model", str(checkpoint), *common, *torch_flags],
-            preload_openblas=False)))
+        jobs.append(
+            (
+                "official",
+                lambda: run_process(
+                    [
+                        str(env_python(envs, "official")),
+                        str(HERE / "peers" / "official_stages.py"),
+                        "--code",
+                        str(reference_code),
+                        "--model",
+                        str(checkpoint),
+                        *common,
+                        *torch_flags,
+                    ],
+                    preload_openblas=False,
+                ),
+            )
+        )
 
     results, errors = {}, {}
     for name, job in jobs:
@@ -248,11 +348,22 @@ def run(args: argparse.Namespace) -> int:
     if on_gpu and results:
         host = next(iter(results.values())).get("machine", host)  # names the GPU
     payload = {
-        "machine": host, "python": platform.python_version(),
-        "settings": {"model": str(checkpoint), "mode": args.mode, "tokens": args.tokens, "trials": args.trials,
-                     "prompt": prompt, "image": list(page_image().size), "device": args.device, "dtype": dtype,
-                     "weights_gb": weights_gb(checkpoint, dtype)},
-        "results": results, "ratios": ratios(results, args.device), "errors": errors,
+        "machine": host,
+        "python": platform.python_version(),
+        "settings": {
+            "model": str(checkpoint),
+            "mode": args.mode,
+            "tokens": args.tokens,
+            "trials": args.trials,
+            "prompt": prompt,
+            "image": list(page_image().size),
+            "device": args.device,
+            "dtype": dtype,
+            "weights_gb": weights_gb(checkpoint, dtype),
+        },
+        "results": results,
+        "ratios": ratios(results, args.device),
+        "errors": errors,
     }
     (out / "peers.json").write_text(json.dumps(payload, indent=1))
     text = report(payload)
@@ -270,9 +381,16 @@ def ours(args: argparse.Namespace) -> None:
 
     from dsocr_mlx.bench import run_benchmark
 
-    result = run_benchmark(args.model, backend=args.backend, dtype=args.dtype, mode=args.mode, tokens=args.tokens,
-                           trials=args.trials, image=Image.open(args.image).convert("RGB"),
-                           device=args.device if args.backend == "torch" else None)
+    result = run_benchmark(
+        args.model,
+        backend=args.backend,
+        dtype=args.dtype,
+        mode=args.mode,
+        tokens=args.tokens,
+        trials=args.trials,
+        image=Image.open(args.image).convert("RGB"),
+        device=args.device if args.backend == "torch" else None,
+    )
     result["versions"] = result["environment"]["versions"]
     result["machine"] = result["environment"]["machine"]
     print(json.dumps(result))
@@ -293,12 +411,19 @@ def main() -> int:
     compare.add_argument("--trials", type=int, default=2)
     compare.add_argument("--ours", nargs="*", default=["mlx", "torch"], choices=["mlx", "torch"])
     compare.add_argument("--peers", nargs="*", default=["mlx-vlm", "official"], choices=["mlx-vlm", "official"])
-    compare.add_argument("--device", default="cpu", help="cpu, or cuda / cuda:N: ours on torch vs the official "
-                         "code on that GPU")
-    compare.add_argument("--dtype", choices=["float32", "bfloat16"],
-                         help="torch runs' dtype (default: float32 on cpu, bfloat16 on a GPU)")
-    compare.add_argument("--out", type=Path, help="results folder (default: benchmarks/results/peers, or "
-                         "benchmarks/results/cuda with --device cuda)")
+    compare.add_argument(
+        "--device", default="cpu", help="cpu, or cuda / cuda:N: ours on torch vs the official code on that GPU"
+    )
+    compare.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        help="torch runs' dtype (default: float32 on cpu, bfloat16 on a GPU)",
+    )
+    compare.add_argument(
+        "--out",
+        type=Path,
+        help="results folder (default: benchmarks/results/peers, or benchmarks/results/cuda with --device cuda)",
+    )
     one = commands.add_parser("ours", help=argparse.SUPPRESS)
     one.add_argument("--backend", required=True)
     one.add_argument("--model", required=True)

@@ -70,20 +70,29 @@ def main() -> int:
             image = golden / case["image"]
             inputs = model.prepare(image, case["prompt"], mode=case["mode"])
             logits = model.prefill_logits(inputs)
-            tokens = model.ocr(image, case["prompt"], mode=case["mode"], max_new_tokens=args.tokens,
-                               no_repeat_ngram_size=0, detect_loops=False).token_ids
+            tokens = model.ocr(
+                image,
+                case["prompt"],
+                mode=case["mode"],
+                max_new_tokens=args.tokens,
+                no_repeat_ngram_size=0,
+                detect_loops=False,
+            ).token_ids
             if name == "float16":
                 reference[cid] = (logits, tokens)
             ref_logits, ref_tokens = reference[cid]
             kls.append(kl(ref_logits, logits))
-            same = next((i for i, (a, b) in enumerate(zip(tokens, ref_tokens)) if a != b), min(len(tokens),
-                                                                                              len(ref_tokens)))
+            same = next(
+                (i for i, (a, b) in enumerate(zip(tokens, ref_tokens)) if a != b), min(len(tokens), len(ref_tokens))
+            )
             agree.append(same / max(len(ref_tokens), 1))
         rows.append((name, folder_bytes(folder) / 1e9, load_s, float(np.mean(kls)), float(np.mean(agree))))
         del model
 
-    print(f"machine: {platform.machine()} {platform.system()}, python {sys.version.split()[0]}, mlx {mx.__version__}, "
-          f"dsocr-mlx {dsocr_mlx.__version__}, device {mx.default_device()}")
+    print(
+        f"machine: {platform.machine()} {platform.system()}, python {sys.version.split()[0]}, mlx {mx.__version__}, "
+        f"dsocr-mlx {dsocr_mlx.__version__}, device {mx.default_device()}"
+    )
     print(f"checkpoint {args.ckpt}, cases {args.cases}, {args.tokens} greedy tokens, affine group 64\n")
     print("| variant | weights (GB) | load (s) | prefill KL vs float16 | greedy prefix agreement |")
     print("| --- | --- | --- | --- | --- |")

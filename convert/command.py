@@ -27,11 +27,21 @@ def convert(
 
     policy = {"vision": q_vision, "embed_tokens": q_embeddings}
     try:
-        report = run(src, dst, dtype=dtype, q_bits=q_bits, q_group_size=q_group_size, q_mode=q_mode,
-                     q_policy=policy, overwrite=overwrite, upload_repo=upload_repo)
+        report = run(
+            src,
+            dst,
+            dtype=dtype,
+            q_bits=q_bits,
+            q_group_size=q_group_size,
+            q_mode=q_mode,
+            q_policy=policy,
+            overwrite=overwrite,
+            upload_repo=upload_repo,
+        )
     except (FileNotFoundError, FileExistsError, ValueError, ConnectionError, ImportError) as e:
         typer.echo(f"dsocr convert: {e}", err=True)
         raise typer.Exit(1) from None
     quantized = f", {report.quantization['bits']}-bit quantized" if report.quantization else ""
-    typer.echo(f"wrote {report.path} ({report.bytes / 1e9:.2f} GB, {len(report.files)} shard(s), "
-               f"{report.dtype}{quantized})")
+    typer.echo(
+        f"wrote {report.path} ({report.bytes / 1e9:.2f} GB, {len(report.files)} shard(s), {report.dtype}{quantized})"
+    )

@@ -21,8 +21,12 @@ if TYPE_CHECKING:
     from .processing import ProcessedInputs
 
 
-def load(path_or_repo_id: str = "deepseek-ai/DeepSeek-OCR", backend: str = "mlx", dtype: str | None = None,
-         device: str | None = None) -> OCRModel:
+def load(
+    path_or_repo_id: str = "deepseek-ai/DeepSeek-OCR",
+    backend: str = "mlx",
+    dtype: str | None = None,
+    device: str | None = None,
+) -> OCRModel:
     """Load DeepSeek-OCR from a local folder or a Hugging Face repo id.
 
     Args:

@@ -71,10 +71,16 @@ class ItemOutcome:
     exception: BaseException | None = None  # for --verbose tracebacks
 
 
-def run_items(model: OCRModel, items: list[Item], options: OCROptions, out: Path | None = None,
-              overwrite: bool = False, pages: str | None = None,
-              on_page: Callable[[Item, OCRResult], None] | None = None,
-              on_text: Callable[[str], None] | None = None) -> Iterator[ItemOutcome]:
+def run_items(
+    model: OCRModel,
+    items: list[Item],
+    options: OCROptions,
+    out: Path | None = None,
+    overwrite: bool = False,
+    pages: str | None = None,
+    on_page: Callable[[Item, OCRResult], None] | None = None,
+    on_text: Callable[[str], None] | None = None,
+) -> Iterator[ItemOutcome]:
     """OCR every item in turn (pages one by one); a failing item is reported and the others go on.
 
     With ``out``, each item's artefacts go to their own folder; existing results are kept unless

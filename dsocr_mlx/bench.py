@@ -25,8 +25,16 @@ from . import __version__
 from .options import OCROptions
 from .pipeline import OCRModel
 
-STAGES = ("preprocess_s", "vision_global_s", "vision_per_tile_s", "vision_s", "prefill_tps", "ttft_s", "decode_tps",
-          "postprocess_s")
+STAGES = (
+    "preprocess_s",
+    "vision_global_s",
+    "vision_per_tile_s",
+    "vision_s",
+    "prefill_tps",
+    "ttft_s",
+    "decode_tps",
+    "postprocess_s",
+)
 
 
 def page_image(width: int = 1300, height: int = 1000, seed: int = 0) -> Image.Image:
@@ -56,8 +64,15 @@ def peak_memory_gb(model: OCRModel) -> float:
 
 def bench_options(mode: str, tokens: int) -> OCROptions:
     """Exactly ``tokens`` tokens of the free task: EOS, loop detection and the n-gram ban off."""
-    return OCROptions(task="free", mode=mode, max_new_tokens=tokens, ignore_eos=True, detect_loops=False,
-                      retry_on_repetition=False, no_repeat_ngram_size=0)
+    return OCROptions(
+        task="free",
+        mode=mode,
+        max_new_tokens=tokens,
+        ignore_eos=True,
+        detect_loops=False,
+        retry_on_repetition=False,
+        no_repeat_ngram_size=0,
+    )
 
 
 def time_once(model: OCRModel, image: Image.Image, options: OCROptions) -> dict[str, float]:
@@ -72,8 +87,11 @@ def time_once(model: OCRModel, image: Image.Image, options: OCROptions) -> dict[
     if n_tiles:
         model.clear_vision_cache()
         t = time.perf_counter()
-        model.image_embeddings(replace(inputs, crop_pixels=inputs.crop_pixels[:0],
-                                       images_spatial_crop=np.ones_like(inputs.images_spatial_crop)))
+        model.image_embeddings(
+            replace(
+                inputs, crop_pixels=inputs.crop_pixels[:0], images_spatial_crop=np.ones_like(inputs.images_spatial_crop)
+            )
+        )
         vision_global = time.perf_counter() - t
     model.clear_vision_cache()
     result = model.ocr(image, options=options)
@@ -108,8 +126,13 @@ def environment(model: OCRModel) -> dict[str, Any]:
         import torch
 
         host += f", {torch.cuda.get_device_name(model.device)}"
-    return {"machine": host, "versions": versions, "backend": model.backend, "dtype": model.dtype,
-            "device": model.device}
+    return {
+        "machine": host,
+        "versions": versions,
+        "backend": model.backend,
+        "dtype": model.dtype,
+        "device": model.device,
+    }
 
 
 def machine() -> str:
@@ -126,8 +149,12 @@ def machine() -> str:
         import subprocess
 
         try:
-            cpu = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True,
-                                 timeout=5).stdout.strip() or cpu
+            cpu = (
+                subprocess.run(
+                    ["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True, timeout=5
+                ).stdout.strip()
+                or cpu
+            )
         except (OSError, subprocess.SubprocessError):
             pass
     return f"{platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} cores"
@@ -142,9 +169,16 @@ def label(result: dict[str, Any]) -> str:
     return f"{env['backend']} {env['dtype']}{device}"
 
 
-def run_benchmark(model_path: str, backend: str = "mlx", dtype: str | None = None, mode: str = "base",
-                  tokens: int = 32, trials: int = 2, image: Image.Image | None = None,
-                  device: str | None = None) -> dict[str, Any]:
+def run_benchmark(
+    model_path: str,
+    backend: str = "mlx",
+    dtype: str | None = None,
+    mode: str = "base",
+    tokens: int = 32,
+    trials: int = 2,
+    image: Image.Image | None = None,
+    device: str | None = None,
+) -> dict[str, Any]:
     """Load, warm up once, then time ``trials`` runs; returns settings, environment, per-trial and median stages."""
     import dsocr_mlx
 
@@ -158,10 +192,19 @@ def run_benchmark(model_path: str, backend: str = "mlx", dtype: str | None = Non
     median = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
     weights_gb = sum(f.stat().st_size for f in Path(model.path).glob("*.safetensors")) / 1e9
     return {
-        "settings": {"model": str(model_path), "mode": mode, "tokens": tokens, "trials": trials,
-                     "image": list(image.size)},
-        "environment": environment(model), "load_s": load_s, "peak_memory_gb": peak_memory_gb(model),
-        "checkpoint_gb": weights_gb, "median": median, "trials": runs,
+        "settings": {
+            "model": str(model_path),
+            "mode": mode,
+            "tokens": tokens,
+            "trials": trials,
+            "image": list(image.size),
+        },
+        "environment": environment(model),
+        "load_s": load_s,
+        "peak_memory_gb": peak_memory_gb(model),
+        "checkpoint_gb": weights_gb,
+        "median": median,
+        "trials": runs,
     }
 
 
@@ -179,10 +222,12 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
 def describe(result: dict[str, Any]) -> str:
     """Machine, library versions and settings of one :func:`run_benchmark` result, in two lines."""
     env, s, median = result["environment"], result["settings"], result["median"]
-    return (f"{env['machine']}; {', '.join(f'{k} {v}' for k, v in env['versions'].items())}\n"
-            f"model {s['model']}, {env['backend']} {env['dtype']} on {env.get('device', 'cpu')}, mode {s['mode']}, "
-            f"{s['tokens']} tokens, "
-            f"{s['trials']} trials, prompt {int(median['prompt_tokens'])} tokens ({int(median['image_tokens'])} image)")
+    return (
+        f"{env['machine']}; {', '.join(f'{k} {v}' for k, v in env['versions'].items())}\n"
+        f"model {s['model']}, {env['backend']} {env['dtype']} on {env.get('device', 'cpu')}, mode {s['mode']}, "
+        f"{s['tokens']} tokens, "
+        f"{s['trials']} trials, prompt {int(median['prompt_tokens'])} tokens ({int(median['image_tokens'])} image)"
+    )
 
 
 def save_outputs(results: list[dict[str, Any]], out: Path) -> list[Path]:
@@ -222,9 +267,16 @@ def bar_chart(results: list[dict[str, Any]]) -> Image.Image:
     return img
 
 
-def run_pdf_benchmark(model_path: str, backend: str = "mlx", dtype: str | None = None, mode: str = "gundam",
-                      pages: int = 4, tokens: int = 64, work_dir: Path | None = None,
-                      device: str | None = None) -> dict[str, Any]:
+def run_pdf_benchmark(
+    model_path: str,
+    backend: str = "mlx",
+    dtype: str | None = None,
+    mode: str = "gundam",
+    pages: int = 4,
+    tokens: int = 64,
+    work_dir: Path | None = None,
+    device: str | None = None,
+) -> dict[str, Any]:
     """Pages per minute end to end: a ``pages``-page PDF through :meth:`OCRModel.ocr_many`.
 
     Every page is rendered, preprocessed, encoded and decoded up to ``tokens`` tokens (the official PDF
@@ -249,6 +301,9 @@ def run_pdf_benchmark(model_path: str, backend: str = "mlx", dtype: str | None =
     generated = sum(r.generated_tokens for r in results)
     return {
         "settings": {"model": str(model_path), "mode": mode, "pages": pages, "max_tokens": tokens},
-        "environment": environment(model), "seconds": elapsed, "pages_per_minute": 60 * len(results) / elapsed,
-        "generated_tokens": generated, "peak_memory_gb": peak_memory_gb(model),
+        "environment": environment(model),
+        "seconds": elapsed,
+        "pages_per_minute": 60 * len(results) / elapsed,
+        "generated_tokens": generated,
+        "peak_memory_gb": peak_memory_gb(model),
     }

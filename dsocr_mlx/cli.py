@@ -16,8 +16,12 @@ from dsocr_convert.command import convert as convert_command
 from . import __version__
 from .options import OCROptions, OptionError, option_fields, option_kind
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="DeepSeek-OCR on Apple Silicon through MLX: images and PDFs to Markdown.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="DeepSeek-OCR on Apple Silicon through MLX: images and PDFs to Markdown.",
+)
 Opt = typer.Option
 
 
@@ -28,8 +32,9 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
-def main(version: Annotated[bool, Opt("--version", callback=_version, is_eager=True, help="Show the version.")] = False,
-         ) -> None:
+def main(
+    version: Annotated[bool, Opt("--version", callback=_version, is_eager=True, help="Show the version.")] = False,
+) -> None:
     """DeepSeek-OCR on Apple Silicon through MLX."""
 
 
@@ -55,8 +60,10 @@ def with_option_flags(command: Callable[..., None]) -> Callable[..., None]:
     """Give ``command`` (which takes ``**options``) one flag per field of :class:`OCROptions` meant for the CLI."""
     own = inspect.signature(command, eval_str=True)
     params = [p for p in own.parameters.values() if p.kind is not p.VAR_KEYWORD]
-    params += [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=_flag(f))
-               for f in option_fields("cli")]
+    params += [
+        inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=_flag(f))
+        for f in option_fields("cli")
+    ]
     command.__signature__ = own.replace(parameters=params)
     return command
 
@@ -121,6 +128,7 @@ def ocr(
     failures, done = [], 0
     try:
         with Progress(None, "pages", enabled=False if single else None) as bar:
+
             def on_page(item, result):
                 bar.update(1, f"{Path(item.name).name} {result.timings.get('generation_tps', 0):.1f} tok/s")
 
@@ -141,8 +149,10 @@ def ocr(
         typer.echo(f"dsocr: interrupted; {done} input(s) finished and kept", err=True)
         raise typer.Exit(130) from None
     if len(items) > 1 or failures:
-        typer.echo(f"dsocr: {done} of {len(items)} input(s) done" + (f", failed: {', '.join(failures)}"
-                                                                       if failures else ""), err=True)
+        typer.echo(
+            f"dsocr: {done} of {len(items)} input(s) done" + (f", failed: {', '.join(failures)}" if failures else ""),
+            err=True,
+        )
     if failures:
         raise typer.Exit(1)
 
@@ -173,11 +183,14 @@ def serve(
     api_key: Annotated[str | None, Opt(envvar="DSOCR_API_KEY", help="Require Authorization: Bearer KEY.")] = None,
     max_queue: Annotated[int | None, Opt(help="Requests waiting behind the running one (then 429).")] = None,
     request_timeout: Annotated[float | None, Opt(help="Seconds a request may take in all.")] = None,
-    remote_images: Annotated[bool | None, Opt("--allow-remote-images/--no-remote-images",
-                                              help="Fetch http(s) image URLs (public addresses only).")] = None,
+    remote_images: Annotated[
+        bool | None,
+        Opt("--allow-remote-images/--no-remote-images", help="Fetch http(s) image URLs (public addresses only)."),
+    ] = None,
     cors_origin: Annotated[list[str] | None, Opt(help="Allow browser calls from this origin (repeatable).")] = None,
-    model_switch: Annotated[bool | None, Opt("--allow-model-switch/--no-model-switch",
-                                             help="Let a request load another configured model.")] = None,
+    model_switch: Annotated[
+        bool | None, Opt("--allow-model-switch/--no-model-switch", help="Let a request load another configured model.")
+    ] = None,
     config: Annotated[Path | None, Opt(help="config.toml to use.")] = None,
     verbose: Annotated[bool, Opt(help="Log details.")] = False,
 ) -> None:
@@ -190,13 +203,22 @@ def serve(
     except ValueError as e:
         raise _fail(str(e), 2) from None
     conf.model = cfg.merge(conf.model, path=model, backend=backend, dtype=dtype, device=device)
-    conf.server = cfg.merge(conf.server, host=host, port=port, api_key=api_key, max_queue=max_queue,
-                               request_timeout=request_timeout, allow_remote_images=remote_images,
-                               cors_origins=cors_origin or None, allow_model_switch=model_switch)
+    conf.server = cfg.merge(
+        conf.server,
+        host=host,
+        port=port,
+        api_key=api_key,
+        max_queue=max_queue,
+        request_timeout=request_timeout,
+        allow_remote_images=remote_images,
+        cors_origins=cors_origin or None,
+        allow_model_switch=model_switch,
+    )
     s = conf.server
     if s["host"] not in ("127.0.0.1", "localhost", "::1") and not s["api_key"]:
-        logging.getLogger("dsocr_server").warning("binding %s without an API key: anyone who can reach it can use it",
-                                                  s["host"])
+        logging.getLogger("dsocr_server").warning(
+            "binding %s without an API key: anyone who can reach it can use it", s["host"]
+        )
     try:
         import uvicorn
         from dsocr_server import create_app
@@ -225,8 +247,9 @@ def bench(
 
         model = str(default_bench_checkpoint())
     try:
-        result = run_benchmark(model, backend=backend, dtype=dtype, mode=mode, tokens=tokens, trials=trials,
-                               device=device)
+        result = run_benchmark(
+            model, backend=backend, dtype=dtype, mode=mode, tokens=tokens, trials=trials, device=device
+        )
     except (FileNotFoundError, ValueError, ImportError) as e:
         raise _fail(str(e)) from None
     typer.echo(describe(result))
@@ -235,10 +258,13 @@ def bench(
         for path in save_outputs([result], out):
             typer.echo(f"wrote {path}")
     if pdf_pages > 0:
-        pdf = run_pdf_benchmark(model, backend=backend, dtype=dtype, mode=mode, pages=pdf_pages, tokens=tokens,
-                                device=device)
-        typer.echo(f"PDF, {pdf_pages} pages, up to {tokens} tokens each: {pdf['pages_per_minute']:.2f} pages/minute "
-                   f"({pdf['seconds']:.1f} s, {pdf['generated_tokens']} tokens, peak {pdf['peak_memory_gb']:.2f} GB)")
+        pdf = run_pdf_benchmark(
+            model, backend=backend, dtype=dtype, mode=mode, pages=pdf_pages, tokens=tokens, device=device
+        )
+        typer.echo(
+            f"PDF, {pdf_pages} pages, up to {tokens} tokens each: {pdf['pages_per_minute']:.2f} pages/minute "
+            f"({pdf['seconds']:.1f} s, {pdf['generated_tokens']} tokens, peak {pdf['peak_memory_gb']:.2f} GB)"
+        )
         if out is not None:
             import json
 

@@ -160,11 +160,7 @@ class TextArgs:
         return self.hidden_size // self.num_attention_heads
 
     def is_moe_layer(self, index: int) -> bool:
-        return (
-            bool(self.n_routed_experts)
-            and index >= self.first_k_dense_replace
-            and index % self.moe_layer_freq == 0
-        )
+        return bool(self.n_routed_experts) and index >= self.first_k_dense_replace and index % self.moe_layer_freq == 0
 
 
 @dataclass
@@ -256,12 +252,15 @@ class ModelArgs:
                 "model_type": "vision",
                 "image_size": self.sam.image_size,
                 "width": {
-                    "sam_vit_b": {k: sam[k] for k in ("width", "layers", "heads", "global_attn_indexes",
-                                                      "downsample_channels")},
+                    "sam_vit_b": {
+                        k: sam[k] for k in ("width", "layers", "heads", "global_attn_indexes", "downsample_channels")
+                    },
                     "clip-l-14-224": {k: clip[k] for k in ("width", "layers", "heads", "image_size", "patch_size")},
                 },
-                "sam_overrides": {k: sam[k] for k in ("window_size", "patch_size", "image_size", "mlp_ratio",
-                                                      "out_chans", "layer_norm_eps")},
+                "sam_overrides": {
+                    k: sam[k]
+                    for k in ("window_size", "patch_size", "image_size", "mlp_ratio", "out_chans", "layer_norm_eps")
+                },
                 "clip_overrides": {k: clip[k] for k in ("intermediate_size", "layer_norm_eps")},
             },
             **text,

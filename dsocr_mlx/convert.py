@@ -28,22 +28,36 @@ class ConvertReport:
 
 
 def _model_card(src: str, dtype: str, quantization: dict | None) -> str:
-    q = "not quantized" if not quantization else (
-        f"{quantization['bits']}-bit {quantization['mode']} quantization, group size {quantization['group_size']}")
+    q = (
+        "not quantized"
+        if not quantization
+        else (
+            f"{quantization['bits']}-bit {quantization['mode']} quantization, group size {quantization['group_size']}"
+        )
+    )
     return (
         "---\nlibrary_name: mlx\npipeline_tag: image-text-to-text\ntags: [mlx, ocr, deepseek-ocr, dsocr-mlx]\n"
         f"base_model: deepseek-ai/DeepSeek-OCR\n---\n\n# DeepSeek-OCR for MLX ({dtype}, {q})\n\n"
         f"Converted from `{src}` with [dsocr-mlx](https://pypi.org/project/dsocr-mlx/) (`dsocr convert`).\n"
         "Vision towers, projector, router and norms stay in floating point.\n\n"
-        "```python\nimport dsocr_mlx\nmodel = dsocr_mlx.load(\"PATH_OR_REPO\")\n"
-        "print(model.ocr(\"page.png\").text)\n```\n"
+        '```python\nimport dsocr_mlx\nmodel = dsocr_mlx.load("PATH_OR_REPO")\n'
+        'print(model.ocr("page.png").text)\n```\n'
     )
 
 
-def convert(src: str | Path, dst: str | Path, dtype: str = "float16", q_bits: int | None = None,
-            q_group_size: int = 64, q_mode: str = "affine", q_policy: dict | None = None, overwrite: bool = False,
-            upload_repo: str | None = None, max_shard_bytes: int = MAX_SHARD_BYTES,
-            show_progress: bool | None = None) -> ConvertReport:
+def convert(
+    src: str | Path,
+    dst: str | Path,
+    dtype: str = "float16",
+    q_bits: int | None = None,
+    q_group_size: int = 64,
+    q_mode: str = "affine",
+    q_policy: dict | None = None,
+    overwrite: bool = False,
+    upload_repo: str | None = None,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+    show_progress: bool | None = None,
+) -> ConvertReport:
     """Convert ``src`` (HF repo id or local folder, original layout) into an MLX folder at ``dst``.
 
     Args:
@@ -87,8 +101,7 @@ def convert(src: str | Path, dst: str | Path, dtype: str = "float16", q_bits: in
     try:
         total = tensor_count(folder, args, policy)
         label = f"converting to {dtype}" + (f" q{q_bits}" if q_bits else "")
-        with Progress(total, label,
-                      enabled=show_progress) as bar:
+        with Progress(total, label, enabled=show_progress) as bar:
             files = write_shards(converted_tensors(folder, args, dtype, policy), dst, max_shard_bytes, bar.update)
     except BaseException:
         shutil.rmtree(dst, ignore_errors=True)
@@ -119,8 +132,12 @@ def upload(folder: Path, repo_id: str) -> None:
         api.create_repo(repo_id, exist_ok=True)
         api.upload_folder(folder_path=str(folder), repo_id=repo_id)
     except OfflineModeIsEnabled:
-        raise ConnectionError(f"cannot upload to {repo_id}: HF_HUB_OFFLINE is set; unset it and retry "
-                              f"(the converted folder is kept at {folder})") from None
+        raise ConnectionError(
+            f"cannot upload to {repo_id}: HF_HUB_OFFLINE is set; unset it and retry "
+            f"(the converted folder is kept at {folder})"
+        ) from None
     except Exception as e:  # noqa: BLE001 - any network or hub failure becomes one clear message
-        raise ConnectionError(f"upload to {repo_id} failed ({type(e).__name__}: {e}); check the network and "
-                              f"HF_TOKEN, then retry (the converted folder is kept at {folder})") from None
+        raise ConnectionError(
+            f"upload to {repo_id} failed ({type(e).__name__}: {e}); check the network and "
+            f"HF_TOKEN, then retry (the converted folder is kept at {folder})"
+        ) from None

@@ -31,8 +31,13 @@ class Block:
     page: int = 0
 
     def to_dict(self) -> dict:
-        return {"label": self.label, "text": self.text, "box": list(self.box), "box_px": list(self.box_px),
-                "page": self.page}
+        return {
+            "label": self.label,
+            "text": self.text,
+            "box": list(self.box),
+            "box_px": list(self.box_px),
+            "page": self.page,
+        }
 
 
 def find_spans(raw: str) -> list[tuple[int, int, str, str]]:

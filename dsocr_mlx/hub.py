@@ -35,8 +35,10 @@ def resolve_model_path(path_or_repo: str | Path) -> Path:
     try:
         return Path(snapshot_download(name, allow_patterns=ALLOW_PATTERNS))
     except (RepositoryNotFoundError, GatedRepoError) as e:
-        raise FileNotFoundError(f"Hugging Face repo {name} not found or not accessible ({type(e).__name__}); "
-                                "check the name, or set HF_TOKEN for a private repo") from None
+        raise FileNotFoundError(
+            f"Hugging Face repo {name} not found or not accessible ({type(e).__name__}); "
+            "check the name, or set HF_TOKEN for a private repo"
+        ) from None
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
         raise FileNotFoundError(
             f"could not download {name}: the Hugging Face hub is unreachable or offline and the model is not in "

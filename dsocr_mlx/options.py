@@ -36,11 +36,13 @@ class OptionError(ValueError):
         self.option = option
 
 
-def _option(default: Any, help: str, *, config: bool = True, cli: bool = True, request: bool = True,
-            example: Any = None) -> Any:
+def _option(
+    default: Any, help: str, *, config: bool = True, cli: bool = True, request: bool = True, example: Any = None
+) -> Any:
     """A field with where it may be set: config.toml, a CLI flag, a server request field."""
-    return field(default=default, metadata={"help": help, "config": config, "cli": cli, "request": request,
-                                            "example": example})
+    return field(
+        default=default, metadata={"help": help, "config": config, "cli": cli, "request": request, "example": example}
+    )
 
 
 @dataclass(frozen=True)
@@ -48,8 +50,9 @@ class OCROptions:
     """One OCR request's settings: task or prompt, mode, sampling, anti-repetition, stop strings, output."""
 
     task: str | None = _option("markdown", f"{', '.join(TASKS)} (the official prompts; locate needs ref)")
-    prompt: str | None = _option(None, "a custom prompt with one <image> per image; replaces the task",
-                                 config=False, request=False)
+    prompt: str | None = _option(
+        None, "a custom prompt with one <image> per image; replaces the task", config=False, request=False
+    )
     ref: str | None = _option(None, "the text to find, for task locate", config=False, request=False)
     mode: str = _option("gundam", f"{', '.join(MODES)} (gundam: a 1024 view plus 640 tiles)")
     max_new_tokens: int = _option(8192, "the most tokens generated per image or page")
@@ -59,21 +62,27 @@ class OCROptions:
     seed: int | None = _option(None, "random seed for sampling (unset: a fresh one each run)", example=0)
     repetition_penalty: float = _option(1.0, "penalty on generated tokens (1 = off)")
     no_repeat_ngram_size: int | None = _option(
-        None, f"n-gram ban size (unset: the official {IMAGE_NGRAM[0]} for images, {PDF_NGRAM[0]} for PDF pages; "
-              "0 = off)",
-        example=IMAGE_NGRAM[0])
+        None,
+        f"n-gram ban size (unset: the official {IMAGE_NGRAM[0]} for images, {PDF_NGRAM[0]} for PDF pages; 0 = off)",
+        example=IMAGE_NGRAM[0],
+    )
     ngram_window: int | None = _option(
-        None, f"n-gram ban window (unset: the official {IMAGE_NGRAM[1]} for images, {PDF_NGRAM[1]} for PDF pages)",
-        example=IMAGE_NGRAM[1])
+        None,
+        f"n-gram ban window (unset: the official {IMAGE_NGRAM[1]} for images, {PDF_NGRAM[1]} for PDF pages)",
+        example=IMAGE_NGRAM[1],
+    )
     detect_loops: bool = _option(True, "stop a degenerate repetition early (finish reason repetition)")
-    retry_on_repetition: bool = _option(True, "after a loop, retry once with stronger anti-repetition "
-                                              "(not for streamed server responses)")
-    stop: tuple[str, ...] = _option((), "stop strings: the text ends just before the first one found",
-                                    example=["</table>"])
+    retry_on_repetition: bool = _option(
+        True, "after a loop, retry once with stronger anti-repetition (not for streamed server responses)"
+    )
+    stop: tuple[str, ...] = _option(
+        (), "stop strings: the text ends just before the first one found", example=["</table>"]
+    )
     dpi: int = _option(pdf.DEFAULT_DPI, "PDF rendering resolution (the official 144)")
     output: str = _option("markdown", f"the text a server client gets: {', '.join(OUTPUTS)}", config=False, cli=False)
-    ignore_eos: bool = _option(False, "keep generating past the end of text (benchmarks)", config=False, cli=False,
-                               request=False)
+    ignore_eos: bool = _option(
+        False, "keep generating past the end of text (benchmarks)", config=False, cli=False, request=False
+    )
 
     def __post_init__(self) -> None:
         stop = self.stop
@@ -88,8 +97,9 @@ class OCROptions:
             raise OptionError("prompt", "give either a prompt or a task, not both")
         if self.prompt is None:
             if self.task not in TASKS:
-                raise OptionError("task", f"unknown task {self.task!r}: choose one of {', '.join(TASKS)} "
-                                          "or pass a prompt")
+                raise OptionError(
+                    "task", f"unknown task {self.task!r}: choose one of {', '.join(TASKS)} or pass a prompt"
+                )
             if self.task == "locate" and not self.ref:
                 raise OptionError("ref", "the locate task needs the text to find (ref)")
         if self.mode not in MODES:
@@ -120,7 +130,10 @@ class OCROptions:
         """The backend's sampling settings, with the official n-gram ban of an image or of a PDF page."""
         size, window = PDF_NGRAM if pdf_page else IMAGE_NGRAM
         return SamplingParams(
-            temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=self.seed,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            seed=self.seed,
             repetition_penalty=self.repetition_penalty,
             no_repeat_ngram_size=size if self.no_repeat_ngram_size is None else self.no_repeat_ngram_size,
             ngram_window=window if self.ngram_window is None else self.ngram_window,
@@ -134,8 +147,9 @@ class OCROptions:
         given = {k: v for k, v in overrides.items() if v is not None}
         unknown = sorted(set(given) - set(OPTION_NAMES))
         if unknown:
-            raise OptionError(unknown[0], f"unknown option(s) {', '.join(unknown)}: the options are "
-                                          f"{', '.join(OPTION_NAMES)}")
+            raise OptionError(
+                unknown[0], f"unknown option(s) {', '.join(unknown)}: the options are {', '.join(OPTION_NAMES)}"
+            )
         if "prompt" in given and "task" not in given:
             given["task"] = None
         elif "task" in given and "prompt" not in given:
@@ -143,13 +157,16 @@ class OCROptions:
         return dataclasses.replace(self, **given)
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v
-                for f in dataclasses.fields(self)}
+        return {
+            f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v for f in dataclasses.fields(self)
+        }
 
 
 # The kind of each option, read off its annotation ("int | None" -> int; tuple[str, ...] -> tuple).
-_KINDS = {f.name: {"str": str, "int": int, "float": float, "bool": bool, "tuple[str, ...]": tuple}[
-    f.type.split(" | ")[0]] for f in dataclasses.fields(OCROptions)}
+_KINDS = {
+    f.name: {"str": str, "int": int, "float": float, "bool": bool, "tuple[str, ...]": tuple}[f.type.split(" | ")[0]]
+    for f in dataclasses.fields(OCROptions)
+}
 OPTION_NAMES = tuple(_KINDS)
 
 
@@ -174,8 +191,9 @@ def coerce(name: str, value: Any, text: bool = False) -> Any:
         raise OptionError(name, f"unknown option {name!r}: the options are {', '.join(OPTION_NAMES)}")
     if value is None:
         return None
-    want = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
-            tuple: "a list of strings"}[kind]
+    want = {bool: "true or false", int: "an integer", float: "a number", str: "a string", tuple: "a list of strings"}[
+        kind
+    ]
     if text and isinstance(value, str) and kind is not str:
         raw = value.strip()
         try:
@@ -188,11 +206,13 @@ def coerce(name: str, value: Any, text: bool = False) -> Any:
             return kind(raw)
         except ValueError:
             raise OptionError(name, f"{name} must be {want}, got {value!r}") from None
-    ok = {bool: lambda v: isinstance(v, bool),
-          int: lambda v: isinstance(v, int) and not isinstance(v, bool),
-          float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-          str: lambda v: isinstance(v, str),
-          tuple: lambda v: isinstance(v, (list, tuple)) and all(isinstance(s, str) for s in v)}[kind]
+    ok = {
+        bool: lambda v: isinstance(v, bool),
+        int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+        float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        str: lambda v: isinstance(v, str),
+        tuple: lambda v: isinstance(v, (list, tuple)) and all(isinstance(s, str) for s in v),
+    }[kind]
     if not ok(value):
         raise OptionError(name, f"{name} must be {want}, got {json.dumps(value, default=str)[:80]}")
     if kind is float:

@@ -81,8 +81,9 @@ def check_dpi(dpi: int) -> None:
         raise ValueError(f"dpi must be between 18 and 1200, got {dpi}")
 
 
-def render_pages(path: str | Path, pages: str | None = None, dpi: int = DEFAULT_DPI,
-                 max_pages: int = MAX_PAGES) -> Iterator[tuple[int, Image.Image]]:
+def render_pages(
+    path: str | Path, pages: str | None = None, dpi: int = DEFAULT_DPI, max_pages: int = MAX_PAGES
+) -> Iterator[tuple[int, Image.Image]]:
     """Yield ``(page_index, RGB image)`` for the selected pages, rendered at ``dpi``, one at a time."""
     path = Path(path)
     check_dpi(dpi)
@@ -93,15 +94,18 @@ def render_pages(path: str | Path, pages: str | None = None, dpi: int = DEFAULT_
             raise ValueError(f"{path} has no pages")
         selected = parse_pages(pages, count)
         if len(selected) > max_pages:
-            raise ValueError(f"{path} has {len(selected)} pages selected, more than the limit of {max_pages}; "
-                             "choose a page range")
+            raise ValueError(
+                f"{path} has {len(selected)} pages selected, more than the limit of {max_pages}; choose a page range"
+            )
         for index in selected:
             page = doc[index]
             width, height = page.get_size()
             scale = dpi / 72
             if width * height * scale * scale > MAX_PAGE_PIXELS:
-                raise ValueError(f"{path} page {index + 1} would render to {int(width * scale)}x"
-                                 f"{int(height * scale)} pixels at {dpi} DPI; lower the DPI")
+                raise ValueError(
+                    f"{path} page {index + 1} would render to {int(width * scale)}x"
+                    f"{int(height * scale)} pixels at {dpi} DPI; lower the DPI"
+                )
             image = page.render(scale=scale).to_pil().convert("RGB")
             page.close()
             yield index, image

@@ -24,8 +24,17 @@ from .processing import ImageInput, ProcessedInputs, load_image, prepare_inputs
 from .sampling import LoopDetector, Repetition
 from .tokenizer import EOS_TEXT, StreamingDetokenizer, Tokenizer
 
-__all__ = ["DEFAULT_PROMPT", "TASKS", "GenerationResponse", "OCRModel", "OCROptions", "OCRResult", "build_prompt",
-           "join_pages", "save_pdf_results"]
+__all__ = [
+    "DEFAULT_PROMPT",
+    "TASKS",
+    "GenerationResponse",
+    "OCRModel",
+    "OCROptions",
+    "OCRResult",
+    "build_prompt",
+    "join_pages",
+    "save_pdf_results",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -81,9 +90,12 @@ class OCRResult:
 
     @property
     def usage(self) -> dict[str, int]:
-        return {"prompt_tokens": self.prompt_tokens, "image_tokens": self.image_tokens,
-                "completion_tokens": self.generated_tokens,
-                "total_tokens": self.prompt_tokens + self.generated_tokens}
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "image_tokens": self.image_tokens,
+            "completion_tokens": self.generated_tokens,
+            "total_tokens": self.prompt_tokens + self.generated_tokens,
+        }
 
     def output_text(self, output: str = "markdown") -> str:
         """The text a client gets in the ``output`` form: ``markdown``, ``raw`` or ``json``."""
@@ -92,10 +104,16 @@ class OCRResult:
     def to_dict(self) -> dict[str, Any]:
         rep = self.repetition
         return {
-            "source": self.source, "page": self.page, "text": self.text, "raw_text": self.raw_text,
-            "finish_reason": self.finish_reason, "retried": self.retried,
+            "source": self.source,
+            "page": self.page,
+            "text": self.text,
+            "raw_text": self.raw_text,
+            "finish_reason": self.finish_reason,
+            "retried": self.retried,
             "repetition": None if rep is None else {"period": rep.period, "repeats": rep.repeats, "start": rep.start},
-            "blocks": [b.to_dict() for b in self.blocks], "usage": self.usage, "timings": self.timings,
+            "blocks": [b.to_dict() for b in self.blocks],
+            "usage": self.usage,
+            "timings": self.timings,
             "image_size": None if self.image is None else list(self.image.size),
         }
 
@@ -135,8 +153,9 @@ def save_pdf_results(results: list[OCRResult], out_dir: str | Path, stem: str, o
             drawn.append(grounding.draw_blocks(r.image, r.blocks))
             grounding.save_figures(r.image, r.blocks, out / "images", prefix=f"{r.page}_")
     pdf.save_images_as_pdf(drawn, out / f"{stem}_layouts.pdf")
-    (out / f"{stem}.json").write_text(json.dumps([r.to_dict() for r in results], indent=1, ensure_ascii=False),
-                                      encoding="utf-8")
+    (out / f"{stem}.json").write_text(
+        json.dumps([r.to_dict() for r in results], indent=1, ensure_ascii=False), encoding="utf-8"
+    )
     return out
 
 
@@ -147,8 +166,16 @@ class Decoding:
     a loop over one sequence (:meth:`OCRModel.stream_ocr`) or over the rows of a batch drives it alike.
     """
 
-    def __init__(self, tokenizer: Tokenizer, options: OCROptions, eos_token_id: int, budget: int,
-                 prompt_tokens: int, image_tokens: int, page: int | None = None):
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        options: OCROptions,
+        eos_token_id: int,
+        budget: int,
+        prompt_tokens: int,
+        image_tokens: int,
+        page: int | None = None,
+    ):
         self.options, self.eos, self.budget, self.page = options, eos_token_id, budget, page
         self.detok = StreamingDetokenizer(tokenizer)
         self.detector = LoopDetector(decode=tokenizer.decode) if options.detect_loops else None
@@ -183,18 +210,33 @@ class Decoding:
         n = len(self.tokens)
         prompt_tps = self.counts["prompt_tokens"] / max(self.first - self.start, 1e-9)
         generation_tps = (n - 1) / (now - self.first) if n > 1 else 0.0
-        return GenerationResponse(delta, token, generation_tokens=n, prompt_tps=prompt_tps,
-                                  generation_tps=generation_tps, finish_reason=finish, repetition=loop,
-                                  output=self.stream.feed(self.raw), **self.counts)
+        return GenerationResponse(
+            delta,
+            token,
+            generation_tokens=n,
+            prompt_tps=prompt_tps,
+            generation_tps=generation_tps,
+            finish_reason=finish,
+            repetition=loop,
+            output=self.stream.feed(self.raw),
+            **self.counts,
+        )
 
     def end(self) -> GenerationResponse:
         """The last response when the tokens ran out before any finish (finish reason ``length``)."""
         delta = self.detok.flush()
         self._append(delta)
         n = len(self.tokens)
-        return GenerationResponse(delta, None, generation_tokens=n, prompt_tps=0.0, generation_tps=0.0,
-                                  finish_reason="stop" if self.stopped else "length",
-                                  output=self.stream.feed(self.raw), **self.counts)
+        return GenerationResponse(
+            delta,
+            None,
+            generation_tokens=n,
+            prompt_tps=0.0,
+            generation_tps=0.0,
+            finish_reason="stop" if self.stopped else "length",
+            output=self.stream.feed(self.raw),
+            **self.counts,
+        )
 
     def _append(self, delta: str) -> None:
         stops = self.options.stop
@@ -230,8 +272,9 @@ class OCRModel:
         self._vision_cache: tuple[str, Any] | None = None
 
     @classmethod
-    def load(cls, path_or_repo_id: str | Path, backend: str = "mlx", dtype: str | None = None,
-             device: str | None = None) -> OCRModel:
+    def load(
+        cls, path_or_repo_id: str | Path, backend: str = "mlx", dtype: str | None = None, device: str | None = None
+    ) -> OCRModel:
         dtype = check_dtype(dtype)
         module = get_backend(backend, device)
         folder = resolve_model_path(path_or_repo_id)
@@ -241,8 +284,7 @@ class OCRModel:
         tokenizer = Tokenizer.from_folder(folder, args.text.bos_token_id, args.text.eos_token_id)
         start = time.perf_counter()
         runtime = module.Runtime.load(folder, args, dtype, device)
-        logger.info("loaded %s (%s, %s, %s) in %.1fs", folder, runtime.name, dtype, device,
-                    time.perf_counter() - start)
+        logger.info("loaded %s (%s, %s, %s) in %.1fs", folder, runtime.name, dtype, device, time.perf_counter() - start)
         return cls(runtime, tokenizer, args, folder)
 
     @property
@@ -257,11 +299,13 @@ class OCRModel:
     def device(self) -> str:
         return self.runtime.device
 
-    def prepare(self, image: ImageInput | list[ImageInput] | None, prompt: str = DEFAULT_PROMPT,
-                mode: str = "gundam") -> ProcessedInputs:
+    def prepare(
+        self, image: ImageInput | list[ImageInput] | None, prompt: str = DEFAULT_PROMPT, mode: str = "gundam"
+    ) -> ProcessedInputs:
         """Token ids, image mask, tile grid and pixels for ``prompt`` (one ``<image>`` per image)."""
-        return prepare_inputs(image, prompt, self.tokenizer, mode, self.args.image_token_id,
-                              self.args.text.bos_token_id)
+        return prepare_inputs(
+            image, prompt, self.tokenizer, mode, self.args.image_token_id, self.args.text.bos_token_id
+        )
 
     def _image_embeddings(self, inputs: ProcessedInputs) -> Any:
         if inputs.global_pixels.shape[0] == 0:
@@ -345,8 +389,15 @@ class OCRModel:
         params = options.sampling_params(pdf_page=page is not None)
         loop, retried = None, False
         while True:
-            seq = Decoding(self.tokenizer, options, self.args.text.eos_token_id, budget, len(inputs.input_ids),
-                           inputs.num_image_tokens, page)
+            seq = Decoding(
+                self.tokenizer,
+                options,
+                self.args.text.eos_token_id,
+                budget,
+                len(inputs.input_ids),
+                inputs.num_image_tokens,
+                page,
+            )
             response = None
             with contextlib.closing(iter(self.runtime.generate(inputs, embeddings, budget, params))) as tokens:
                 for token in tokens:
@@ -357,8 +408,9 @@ class OCRModel:
             if response is None or response.finish_reason is None:  # the runtime ended before the budget
                 response = seq.end()
             if response.finish_reason == "repetition" and options.retry_on_repetition and not retried:
-                logger.info("repetition loop (period %d): retrying with stronger anti-repetition",
-                            response.repetition.period)
+                logger.info(
+                    "repetition loop (period %d): retrying with stronger anti-repetition", response.repetition.period
+                )
                 yield replace(response, text="", output="", finish_reason=None, restart=True)
                 loop, retried, params = response.repetition, True, params.stronger()
                 continue
@@ -368,16 +420,30 @@ class OCRModel:
         original = pil[0] if pil else None
         blocks = [] if original is None else grounding.parse_blocks(raw, original.width, original.height, page or 0)
         result = OCRResult(
-            token_ids=seq.tokens, raw_text=raw, text=textstream.markdown(raw, page),
-            finish_reason=response.finish_reason, prompt_tokens=len(inputs.input_ids),
-            image_tokens=inputs.num_image_tokens, blocks=blocks, repetition=response.repetition or loop,
-            retried=retried, page=page, source=source, image=original,
+            token_ids=seq.tokens,
+            raw_text=raw,
+            text=textstream.markdown(raw, page),
+            finish_reason=response.finish_reason,
+            prompt_tokens=len(inputs.input_ids),
+            image_tokens=inputs.num_image_tokens,
+            blocks=blocks,
+            repetition=response.repetition or loop,
+            retried=retried,
+            page=page,
+            source=source,
+            image=original,
         )
         tail = seq.stream.finish(result.output_text(options.output))
         t4 = time.perf_counter()
-        result.timings = {"preprocess": t1 - t0, "vision": t2 - t1, "prefill": (seq.first or t3) - seq.start,
-                          "first_token": (seq.first or t3) - t1, "generation_tps": response.generation_tps,
-                          "postprocess": t4 - t3, "total": t4 - t0}
+        result.timings = {
+            "preprocess": t1 - t0,
+            "vision": t2 - t1,
+            "prefill": (seq.first or t3) - seq.start,
+            "first_token": (seq.first or t3) - t1,
+            "generation_tps": response.generation_tps,
+            "postprocess": t4 - t3,
+            "total": t4 - t0,
+        }
         yield replace(response, output=response.output + tail, result=result)
 
     def ocr(
@@ -403,9 +469,16 @@ class OCRModel:
         assert result is not None, "stream_ocr ends with a result"
         return result
 
-    def ocr_many(self, inputs: Iterable[str | Path | ImageInput], prompt: str | None = None,
-                 options: OCROptions | None = None, *, pages: str | None = None,
-                 on_text: Callable[[str], None] | None = None, **overrides: Any) -> Iterator[OCRResult]:
+    def ocr_many(
+        self,
+        inputs: Iterable[str | Path | ImageInput],
+        prompt: str | None = None,
+        options: OCROptions | None = None,
+        *,
+        pages: str | None = None,
+        on_text: Callable[[str], None] | None = None,
+        **overrides: Any,
+    ) -> Iterator[OCRResult]:
         """OCR of many images and PDFs, yielding one result per image or PDF page as each finishes.
 
         PDF pages are rendered at the options' ``dpi`` and use the official PDF rules (the 20/50 n-gram
@@ -418,5 +491,6 @@ class OCRModel:
                 for index, page_image in pdf.render_pages(item, pages, options.dpi):
                     yield self.ocr(page_image, options=options, page=index, source=str(item), on_text=on_text)
             else:
-                yield self.ocr(item, options=options, on_text=on_text,
-                               source=str(item) if isinstance(item, (str, Path)) else None)
+                yield self.ocr(
+                    item, options=options, on_text=on_text, source=str(item) if isinstance(item, (str, Path)) else None
+                )

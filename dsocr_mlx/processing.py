@@ -131,8 +131,9 @@ def load_image(image: ImageInput) -> Image.Image:
     return img.convert("RGB")
 
 
-def _closest_aspect_ratio(aspect: float, ratios: list[tuple[int, int]], width: int, height: int,
-                          tile: int) -> tuple[int, int]:
+def _closest_aspect_ratio(
+    aspect: float, ratios: list[tuple[int, int]], width: int, height: int, tile: int
+) -> tuple[int, int]:
     best_diff, best = float("inf"), (1, 1)
     area = width * height
     for ratio in ratios:
@@ -145,12 +146,18 @@ def _closest_aspect_ratio(aspect: float, ratios: list[tuple[int, int]], width: i
     return best
 
 
-def tile_grid(width: int, height: int, tile: int = TILE_SIZE, min_num: int = MIN_TILES,
-              max_num: int = MAX_TILES) -> tuple[int, int]:
+def tile_grid(
+    width: int, height: int, tile: int = TILE_SIZE, min_num: int = MIN_TILES, max_num: int = MAX_TILES
+) -> tuple[int, int]:
     """The official ``dynamic_preprocess`` choice of ``(columns, rows)`` for an image."""
     ratios = sorted(
-        {(i, j) for n in range(min_num, max_num + 1) for i in range(1, n + 1) for j in range(1, n + 1)
-         if min_num <= i * j <= max_num},
+        {
+            (i, j)
+            for n in range(min_num, max_num + 1)
+            for i in range(1, n + 1)
+            for j in range(1, n + 1)
+            if min_num <= i * j <= max_num
+        },
         key=lambda r: r[0] * r[1],
     )
     return _closest_aspect_ratio(width / height, ratios, width, height, tile)
@@ -159,8 +166,9 @@ def tile_grid(width: int, height: int, tile: int = TILE_SIZE, min_num: int = MIN
 def split_tiles(img: Image.Image, grid: tuple[int, int], tile: int = TILE_SIZE) -> list[Image.Image]:
     cols, rows = grid
     resized = img.resize((tile * cols, tile * rows))
-    return [resized.crop((c * tile, r * tile, (c + 1) * tile, (r + 1) * tile))
-            for r in range(rows) for c in range(cols)]
+    return [
+        resized.crop((c * tile, r * tile, (c + 1) * tile, (r + 1) * tile)) for r in range(rows) for c in range(cols)
+    ]
 
 
 def round_to_bfloat16(x: np.ndarray) -> np.ndarray:
@@ -213,8 +221,14 @@ def process_image(img: Image.Image, mode: Mode) -> tuple[np.ndarray, list[np.nda
     return normalize(view), [], (1, 1)
 
 
-def prepare_inputs(images: list[ImageInput] | ImageInput | None, prompt: str, tokenizer: Any,
-                   mode: str | Mode = "gundam", image_token_id: int = 128815, bos_token_id: int = 0) -> ProcessedInputs:
+def prepare_inputs(
+    images: list[ImageInput] | ImageInput | None,
+    prompt: str,
+    tokenizer: Any,
+    mode: str | Mode = "gundam",
+    image_token_id: int = 128815,
+    bos_token_id: int = 0,
+) -> ProcessedInputs:
     """Build the model inputs for ``prompt`` with one ``<image>`` placeholder per image.
 
     Args:

@@ -29,9 +29,17 @@ def tiny_args(layers: int = 2) -> ModelArgs:
         sam=SamArgs(width=32, layers=2, heads=2, global_attn_indexes=(1,), out_chans=16, downsample_channels=(24, 48)),
         clip=ClipArgs(width=48, layers=2, heads=2, intermediate_size=96),
         projector=ProjectorArgs(input_dim=96, n_embed=64),
-        text=TextArgs(hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=layers,
-                      num_attention_heads=2, num_key_value_heads=2, n_routed_experts=8, n_shared_experts=1,
-                      num_experts_per_tok=3),
+        text=TextArgs(
+            hidden_size=64,
+            intermediate_size=128,
+            moe_intermediate_size=32,
+            num_hidden_layers=layers,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            n_routed_experts=8,
+            n_shared_experts=1,
+            num_experts_per_tok=3,
+        ),
     )
 
 
@@ -47,8 +55,19 @@ PRESETS = {"tiny": tiny_args, "full": full_args}
 def _std(name: str, shape: tuple[int, ...]) -> tuple[float, float]:
     """(mean, std) that keep activations O(1) through every layer and make the logits peaky."""
     fan_in = math.prod(shape[1:]) if len(shape) > 1 else shape[0]
-    if name.endswith(("norm1.weight", "norm2.weight", "layernorm.weight", "norm.weight", "pre_layrnorm.weight",
-                      "layer_norm1.weight", "layer_norm2.weight", "neck.1.weight", "neck.3.weight")):
+    if name.endswith(
+        (
+            "norm1.weight",
+            "norm2.weight",
+            "layernorm.weight",
+            "norm.weight",
+            "pre_layrnorm.weight",
+            "layer_norm1.weight",
+            "layer_norm2.weight",
+            "neck.1.weight",
+            "neck.3.weight",
+        )
+    ):
         return 1.0, 0.1
     if name.endswith("bias"):
         return 0.0, 0.05
@@ -115,15 +134,25 @@ def tokenizer_files() -> dict[str, bytes]:
 # The values of the real repo's processor_config.json: loaders of other ports (mlx-vlm, transformers'
 # AutoProcessor) read it, so a random checkpoint carries it too.
 PROCESSOR_CONFIG = {
-    "add_special_token": False, "candidate_resolutions": [[1024, 1024]], "downsample_ratio": 4, "ignore_id": -100,
-    "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "image_token": "<image>", "mask_prompt": False,
-    "normalize": True, "pad_token": "<\uff5c\u2581pad\u2581\uff5c>", "patch_size": 16,
-    "processor_class": "DeepseekVLV2Processor", "sft_format": "deepseek",
+    "add_special_token": False,
+    "candidate_resolutions": [[1024, 1024]],
+    "downsample_ratio": 4,
+    "ignore_id": -100,
+    "image_mean": [0.5, 0.5, 0.5],
+    "image_std": [0.5, 0.5, 0.5],
+    "image_token": "<image>",
+    "mask_prompt": False,
+    "normalize": True,
+    "pad_token": "<\uff5c\u2581pad\u2581\uff5c>",
+    "patch_size": 16,
+    "processor_class": "DeepseekVLV2Processor",
+    "sft_format": "deepseek",
 }
 
 
-def write_random_checkpoint(out: str | Path, args: ModelArgs, seed: int = 0,
-                            max_shard_bytes: int = 5 * 1024**3, overwrite: bool = False) -> Path:
+def write_random_checkpoint(
+    out: str | Path, args: ModelArgs, seed: int = 0, max_shard_bytes: int = 5 * 1024**3, overwrite: bool = False
+) -> Path:
     """Write a random checkpoint in the original HF layout for ``args`` into ``out``.
 
     Args:
@@ -160,7 +189,8 @@ def write_random_checkpoint(out: str | Path, args: ModelArgs, seed: int = 0,
             weight_map.update({n: fname for n in names})
         total = sum(2 * math.prod(s) for s in shapes.values())
         (out / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1)
+        )
     (out / "config.json").write_text(json.dumps(args.to_hf_dict(), indent=1))
     (out / "processor_config.json").write_text(json.dumps(PROCESSOR_CONFIG, indent=2))
     for fname, data in tokenizer.items():

@@ -45,12 +45,17 @@ class SamplingParams:
     def stronger(self) -> SamplingParams:
         """The anti-repetition settings of a retry after a loop: a shorter n-gram over a long window."""
         size = min(self.no_repeat_ngram_size or PDF_NGRAM[0], PDF_NGRAM[0])
-        return replace(self, no_repeat_ngram_size=size, ngram_window=max(self.ngram_window, 1024),
-                       repetition_penalty=max(self.repetition_penalty, 1.05))
+        return replace(
+            self,
+            no_repeat_ngram_size=size,
+            ngram_window=max(self.ngram_window, 1024),
+            repetition_penalty=max(self.repetition_penalty, 1.05),
+        )
 
 
-def banned_ngram_tokens(tokens: list[int], ngram_size: int, window: int,
-                        whitelist: frozenset[int] = NGRAM_WHITELIST) -> set[int]:
+def banned_ngram_tokens(
+    tokens: list[int], ngram_size: int, window: int, whitelist: frozenset[int] = NGRAM_WHITELIST
+) -> set[int]:
     """The official ``NoRepeatNGramLogitsProcessor``: tokens that would repeat an n-gram of the window.
 
     Looks at the n-grams starting in the last ``window`` tokens; any whose first ``n-1`` tokens equal the
@@ -60,7 +65,7 @@ def banned_ngram_tokens(tokens: list[int], ngram_size: int, window: int,
     # n = 1 bans nothing upstream: its prefix slice input_ids[-0:] is the whole list, never a 0-tuple.
     if n <= 1 or len(tokens) < n:
         return set()
-    prefix = tokens[len(tokens) - (n - 1):] if n > 1 else []
+    prefix = tokens[len(tokens) - (n - 1) :] if n > 1 else []
     start = max(0, len(tokens) - window)
     end = len(tokens) - n + 1
     banned = set()
@@ -87,8 +92,15 @@ class LoopDetector:
     cells of an empty table) do not count, so long legitimate tables never trigger it.
     """
 
-    def __init__(self, decode=None, min_span: int = 240, min_repeats: int = 4, max_period: int = 512,
-                 every: int = 8, markup_only=None):
+    def __init__(
+        self,
+        decode=None,
+        min_span: int = 240,
+        min_repeats: int = 4,
+        max_period: int = 512,
+        every: int = 8,
+        markup_only=None,
+    ):
         self.min_span = min_span
         self.min_repeats = min_repeats
         self.max_period = max_period
@@ -103,7 +115,7 @@ class LoopDetector:
             return None
         import numpy as np  # here, so that the options (and the CLI) import no numpy
 
-        tail = np.asarray(tokens[-min(n, 4 * self.max_period + self.min_span):], dtype=np.int64)
+        tail = np.asarray(tokens[-min(n, 4 * self.max_period + self.min_span) :], dtype=np.int64)
         for period in range(1, min(self.max_period, len(tail) // self.min_repeats) + 1):
             same = tail[period:] == tail[:-period]
             if not same[-1]:
@@ -119,8 +131,25 @@ class LoopDetector:
         return None
 
 
-_MARKUP = ("<td>", "</td>", "<tr>", "</tr>", "<table>", "</table>", "<thead>", "</thead>", "<tbody>",
-           "</tbody>", "|", "-", ":", "=", "*", "_", "&nbsp;")
+_MARKUP = (
+    "<td>",
+    "</td>",
+    "<tr>",
+    "</tr>",
+    "<table>",
+    "</table>",
+    "<thead>",
+    "</thead>",
+    "<tbody>",
+    "</tbody>",
+    "|",
+    "-",
+    ":",
+    "=",
+    "*",
+    "_",
+    "&nbsp;",
+)
 
 
 def _is_markup_only(text: str) -> bool:

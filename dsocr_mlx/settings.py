@@ -24,9 +24,19 @@ else:  # pragma: no cover - Python 3.10
 DEFAULTS: dict[str, dict[str, Any]] = {
     "model": {"path": "deepseek-ai/DeepSeek-OCR", "backend": "auto", "dtype": "auto", "device": "auto"},
     "server": {
-        "host": "127.0.0.1", "port": 8000, "api_key": "", "max_queue": 16, "request_timeout": 600,
-        "max_body_mb": 50, "max_image_pixels": 100_000_000, "max_pdf_pages": 50, "max_images": 1,
-        "max_tokens_cap": 8192, "allow_remote_images": False, "cors_origins": [], "models": {},
+        "host": "127.0.0.1",
+        "port": 8000,
+        "api_key": "",
+        "max_queue": 16,
+        "request_timeout": 600,
+        "max_body_mb": 50,
+        "max_image_pixels": 100_000_000,
+        "max_pdf_pages": 50,
+        "max_images": 1,
+        "max_tokens_cap": 8192,
+        "allow_remote_images": False,
+        "cors_origins": [],
+        "models": {},
         "allow_model_switch": True,
     },
 }
@@ -136,9 +146,11 @@ def load_settings(path: str | Path | None = None, create: bool = True) -> Settin
             if key not in DEFAULTS[section]:
                 raise ValueError(f"{path}: unknown setting {section}.{key}")
             default = DEFAULTS[section][key]
-            if isinstance(default, bool) != isinstance(value, bool) or (
-                    isinstance(default, (int, float)) and not isinstance(value, (int, float))) or (
-                    isinstance(default, str) and not isinstance(value, str)):
+            if (
+                isinstance(default, bool) != isinstance(value, bool)
+                or (isinstance(default, (int, float)) and not isinstance(value, (int, float)))
+                or (isinstance(default, str) and not isinstance(value, str))
+            ):
                 raise ValueError(f"{path}: {section}.{key} should be like {default!r}, got {value!r}")
             getattr(settings, section)[key] = value
     return settings

@@ -102,5 +102,5 @@ class TextStream:
         # Only ever append: a text that no longer extends what was sent waits for the end.
         if not text.startswith(self.sent):
             return ""
-        delta, self.sent = text[len(self.sent):], text
+        delta, self.sent = text[len(self.sent) :], text
         return delta

@@ -73,8 +73,9 @@ class StreamingDetokenizer:
 
     def flush(self) -> str:
         """Whatever is still held back (an incomplete character at the very end)."""
-        rest = self.tokenizer.decode(self.tokens[self._prefix :])[len(self.tokenizer.decode(
-            self.tokens[self._prefix : self._read])):]
+        rest = self.tokenizer.decode(self.tokens[self._prefix :])[
+            len(self.tokenizer.decode(self.tokens[self._prefix : self._read])) :
+        ]
         self._prefix = self._read = len(self.tokens)
         self.text += rest
         return rest

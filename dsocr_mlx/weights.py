@@ -99,7 +99,10 @@ def checkpoint_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
         b = f"{vm}transformer.layers.{i}."
         for n in ("layer_norm1", "layer_norm2"):
             out[b + n + ".weight"] = out[b + n + ".bias"] = (c.width,)
-        out[b + "self_attn.qkv_proj.weight"], out[b + "self_attn.qkv_proj.bias"] = (3 * c.width, c.width), (3 * c.width,)
+        out[b + "self_attn.qkv_proj.weight"], out[b + "self_attn.qkv_proj.bias"] = (
+            (3 * c.width, c.width),
+            (3 * c.width,),
+        )
         out[b + "self_attn.out_proj.weight"], out[b + "self_attn.out_proj.bias"] = (c.width, c.width), (c.width,)
         out[b + "mlp.fc1.weight"], out[b + "mlp.fc1.bias"] = (c.intermediate_size, c.width), (c.intermediate_size,)
         out[b + "mlp.fc2.weight"], out[b + "mlp.fc2.bias"] = (c.width, c.intermediate_size), (c.width,)
@@ -153,7 +156,8 @@ def check_checkpoint(found: dict[str, tuple[int, ...]], expected: dict[str, tupl
         problems.append(f"and {len(wrong) - 3} more misshaped tensor(s)")
     if problems:
         raise ValueError(
-            f"{source} does not match its config.json: " + "; ".join(problems)
+            f"{source} does not match its config.json: "
+            + "; ".join(problems)
             + ". Check that config.json belongs to these weights (re-download or re-convert the model)."
         )
 
@@ -216,12 +220,16 @@ def checkpoint_layout(args: ModelArgs, names: set[str]) -> str:
     if args.converted_format == CONVERTED_FORMAT:
         return "converted"
     if args.converted_format:
-        raise ValueError(f"config.json names the format {args.converted_format!r}, which this version cannot read "
-                         f"(it reads {CONVERTED_FORMAT}); upgrade dsocr-mlx or re-convert the model")
+        raise ValueError(
+            f"config.json names the format {args.converted_format!r}, which this version cannot read "
+            f"(it reads {CONVERTED_FORMAT}); upgrade dsocr-mlx or re-convert the model"
+        )
     if any(n.startswith("language_model.") for n in names):
         return "mlx-vlm"
     if "lm_head.weight" in names or any(n.startswith("model.") for n in names):
         return "hf"
     sample = ", ".join(sorted(names)[:3]) or "no tensors"
-    raise ValueError(f"unknown checkpoint layout (found {sample}): expected the original deepseek-ai/DeepSeek-OCR "
-                     "layout, a folder written by `dsocr convert`, or an mlx-vlm conversion")
+    raise ValueError(
+        f"unknown checkpoint layout (found {sample}): expected the original deepseek-ai/DeepSeek-OCR "
+        "layout, a folder written by `dsocr convert`, or an mlx-vlm conversion"
+    )

@@ -49,8 +49,9 @@ def create_app(settings: Settings | None = None, loader: Callable[[str], Any] | 
         from dsocr_mlx.pipeline import OCRModel
 
         def loader(path: str) -> Any:
-            return OCRModel.load(path, backend=model_conf["backend"], dtype=model_conf["dtype"],
-                                 device=model_conf.get("device"))
+            return OCRModel.load(
+                path, backend=model_conf["backend"], dtype=model_conf["dtype"], device=model_conf.get("device")
+            )
 
     worker = InferenceWorker(models, default, loader, limits["max_queue"])
 
@@ -62,11 +63,17 @@ def create_app(settings: Settings | None = None, loader: Callable[[str], Any] | 
 
     middleware = [Middleware(Guard, api_key=limits["api_key"], max_body=limits["max_body_mb"] << 20)]
     if limits["cors_origins"]:  # outside Guard, so that preflight requests need no key
-        middleware.insert(0, Middleware(CORSMiddleware, allow_origins=limits["cors_origins"], allow_methods=["*"],
-                                        allow_headers=["*"]))
+        middleware.insert(
+            0,
+            Middleware(CORSMiddleware, allow_origins=limits["cors_origins"], allow_methods=["*"], allow_headers=["*"]),
+        )
     # Every other exception reaches Guard, which answers it in OpenAI's shape.
-    app = Starlette(routes=ROUTES, middleware=middleware, lifespan=lifespan,
-                    exception_handlers={HTTPException: handlers.on_http_error})
+    app = Starlette(
+        routes=ROUTES,
+        middleware=middleware,
+        lifespan=lifespan,
+        exception_handlers={HTTPException: handlers.on_http_error},
+    )
     app.state.dsocr = ServerState(settings.ocr, limits, models, default, worker)
     app.state.worker = worker
     return app

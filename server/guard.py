@@ -63,16 +63,23 @@ class Guard:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         scheme, _, key = headers.get("authorization", "").partition(" ")
         try:
-            if self.api_key and scope["path"] != "/health" and not (
-                    scheme.lower() == "bearer" and hmac.compare_digest(key.encode(), self.api_key.encode())):
-                raise APIError(401, "missing or incorrect API key (send Authorization: Bearer KEY)",
-                               code="invalid_api_key")
+            if (
+                self.api_key
+                and scope["path"] != "/health"
+                and not (scheme.lower() == "bearer" and hmac.compare_digest(key.encode(), self.api_key.encode()))
+            ):
+                raise APIError(
+                    401, "missing or incorrect API key (send Authorization: Bearer KEY)", code="invalid_api_key"
+                )
             if int(headers.get("content-length") or 0) > self.max_body:
                 raise BodyTooLarge()
             await self.app(scope, receive_limited, send_logged)
         except Exception as e:  # noqa: BLE001 - the last line of defence: log it, answer in OpenAI's shape
-            error = as_api_error(APIError(413, f"the request body is larger than {self.max_body} bytes",
-                                          code="body_too_large") if isinstance(e, BodyTooLarge) else e)
+            error = as_api_error(
+                APIError(413, f"the request body is larger than {self.max_body} bytes", code="body_too_large")
+                if isinstance(e, BodyTooLarge)
+                else e
+            )
             if error.status == 500:
                 logger.exception("unhandled error on %s %s", scope["method"], scope["path"])
             if not status[0]:
@@ -83,9 +90,15 @@ class Guard:
                     drained, more = drained + len(message.get("body", b"")), message.get("more_body", False)
                 await error_response(error)(scope, receive, send_logged)
         finally:
-            access_log.info('%s "%s %s" %d %.0fms tokens=%s', (scope.get("client") or ("-",))[0], scope["method"],
-                            scope["path"], status[0], 1000 * (time.perf_counter() - start),
-                            scope.get("state", {}).get("tokens", "-"))
+            access_log.info(
+                '%s "%s %s" %d %.0fms tokens=%s',
+                (scope.get("client") or ("-",))[0],
+                scope["method"],
+                scope["path"],
+                status[0],
+                1000 * (time.perf_counter() - start),
+                scope.get("state", {}).get("tokens", "-"),
+            )
 
 
 def error_response(e: APIError) -> JSONResponse:

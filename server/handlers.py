@@ -41,8 +41,12 @@ def pick_model(s: ServerState, name: str | None) -> str:
     if (name := name or s.default) not in s.models:
         raise APIError(404, f"the model {name!r} does not exist", code="model_not_found", param="model")
     if name != s.default and not s.limits["allow_model_switch"]:
-        raise APIError(400, f"the model {name!r} is configured but model switching is disabled "
-                            "(allow_model_switch = false)", code="model_switch_disabled", param="model")
+        raise APIError(
+            400,
+            f"the model {name!r} is configured but model switching is disabled (allow_model_switch = false)",
+            code="model_switch_disabled",
+            param="model",
+        )
     return name
 
 
@@ -53,8 +57,9 @@ def read_url(s: ServerState, url: str) -> bytes:
     if not url.startswith(("http://", "https://")):
         raise APIError(400, "images must be data: or http(s) URLs; local paths are refused", code="invalid_image_url")
     if not s.limits["allow_remote_images"]:
-        raise APIError(400, "remote image URLs are disabled; send the image as a data: URL",
-                       code="remote_images_disabled")
+        raise APIError(
+            400, "remote image URLs are disabled; send the image as a data: URL", code="remote_images_disabled"
+        )
     return remote.fetch_url(url, max_bytes=s.limits["max_body_mb"] << 20, timeout=10.0)
 
 
@@ -84,8 +89,7 @@ async def submit(request: Request, key: str) -> tuple[OCRRequest, str, AsyncJob]
     req = parse_request(await read_json(request), key, s.options, s.limits["max_tokens_cap"])
     name = pick_model(s, req.model)
     if len(req.image_urls) + len(req.files) > s.limits["max_images"]:
-        raise APIError(400, f"at most {s.limits['max_images']} image(s) per request", code="too_many_images",
-                       param=key)
+        raise APIError(400, f"at most {s.limits['max_images']} image(s) per request", code="too_many_images", param=key)
     images, pdf_data = await asyncio.to_thread(load_inputs, s, req)
 
     def work(model: Any, emit: Callable[[str], None]) -> list:
@@ -101,8 +105,14 @@ async def collect(request: Request, job: AsyncJob) -> str:
     return text
 
 
-async def stream(request: Request, job: AsyncJob, opening: list[str], piece: Callable[[str], str],
-                 closing: Callable[[list], list[str]], on_error: Callable[[APIError], str]) -> Response:
+async def stream(
+    request: Request,
+    job: AsyncJob,
+    opening: list[str],
+    piece: Callable[[str], str],
+    closing: Callable[[list], list[str]],
+    on_error: Callable[[APIError], str],
+) -> Response:
     """A server-sent-event response: ``opening`` events, one ``piece`` per text delta, then ``closing``."""
     events = job.events(request.is_disconnected).__aiter__()
     try:  # wait for the first event, so that errors before it still get their HTTP status
@@ -135,8 +145,14 @@ async def chat_completions(request: Request) -> Response:
     shapes = ChatShapes(name, req.include_usage)
     if not req.stream:
         return JSONResponse(shapes.completion(await collect(request, job), job.result))
-    return await stream(request, job, [shapes.chunk({"role": "assistant", "content": ""})],
-                        lambda text: shapes.chunk({"content": text}), shapes.closing, shapes.error)
+    return await stream(
+        request,
+        job,
+        [shapes.chunk({"role": "assistant", "content": ""})],
+        lambda text: shapes.chunk({"content": text}),
+        shapes.closing,
+        shapes.error,
+    )
 
 
 async def responses(request: Request) -> Response:
@@ -163,8 +179,15 @@ async def ocr_upload(request: Request) -> Response:
     pages, source = fields.get("pages"), upload.filename or "upload"
 
     def work(model: Any, emit: Callable[[str], None]) -> list[dict]:
-        results = ocr_document(model, data, options, max_pixels=s.limits["max_image_pixels"], pages=pages,
-                               max_pages=s.limits["max_pdf_pages"], on_text=emit)
+        results = ocr_document(
+            model,
+            data,
+            options,
+            max_pixels=s.limits["max_image_pixels"],
+            pages=pages,
+            max_pages=s.limits["max_pdf_pages"],
+            on_text=emit,
+        )
         return [r.to_dict() | {"source": source} for r in results]
 
     job = AsyncJob(s.worker, name, work, s.limits["request_timeout"])
@@ -177,8 +200,12 @@ async def list_models(request: Request) -> Response:
     """``GET /v1/models``: the models a request may name."""
     s = state(request)
     usable = [n for n in s.models if n == s.default or s.limits["allow_model_switch"]]
-    return JSONResponse({"object": "list", "data": [
-        {"id": n, "object": "model", "created": 0, "owned_by": "dsocr-mlx"} for n in usable]})
+    return JSONResponse(
+        {
+            "object": "list",
+            "data": [{"id": n, "object": "model", "created": 0, "owned_by": "dsocr-mlx"} for n in usable],
+        }
+    )
 
 
 async def health(request: Request) -> Response:

@@ -15,8 +15,15 @@ from dsocr_mlx.pipeline import OCRResult
 class APIError(Exception):
     """An error for the client, in OpenAI's shape."""
 
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", code: str | None = None,
-                 param: str | None = None, headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        code: str | None = None,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.type, self.code, self.param = status, message, type, code, param
         self.headers = headers or {}
@@ -41,8 +48,12 @@ def _get(body: dict, name: str, kinds: type | tuple, default: Any = None, ok=lam
     value = body.get(name)
     if value is None:
         return default
-    if isinstance(value, bool) and bool not in (kinds if isinstance(kinds, tuple) else (kinds,)) or \
-            not isinstance(value, kinds) or not ok(value):
+    if (
+        isinstance(value, bool)
+        and bool not in (kinds if isinstance(kinds, tuple) else (kinds,))
+        or not isinstance(value, kinds)
+        or not ok(value)
+    ):
         raise APIError(400, f"'{name}' must be {want or getattr(kinds, '__name__', kinds)}", param=name)
     return value
 
@@ -88,8 +99,9 @@ def _split_content(content: Any, key: str) -> tuple[str, list[str], list[str]]:
 MAX_TOKENS_KEYS = ("max_completion_tokens", "max_tokens", "max_output_tokens")  # chat, legacy, responses
 
 
-def request_options(base: OCROptions, fields: dict[str, Any], max_tokens_cap: int, text: bool = False,
-                    **given: Any) -> OCROptions:
+def request_options(
+    base: OCROptions, fields: dict[str, Any], max_tokens_cap: int, text: bool = False, **given: Any
+) -> OCROptions:
     """``base`` (the configured options) with a request's option fields, checked, and its token cap applied.
 
     ``fields`` is a JSON body, or form fields as strings (``text``); ``given`` are options the request
@@ -103,8 +115,7 @@ def request_options(base: OCROptions, fields: dict[str, Any], max_tokens_cap: in
         for f in option_fields("request"):
             if fields.get(f.name) is not None:
                 value = fields[f.name]
-                values[f.name] = coerce(f.name, [value] if f.name == "stop" and isinstance(value, str) else value,
-                                        text)
+                values[f.name] = coerce(f.name, [value] if f.name == "stop" and isinstance(value, str) else value, text)
         name = next((k for k in MAX_TOKENS_KEYS if fields.get(k) is not None), name)
         if fields.get(name) is not None:
             values["max_new_tokens"] = coerce("max_new_tokens", fields[name], text)
@@ -136,8 +147,7 @@ def parse_request(body: dict, key: str, base: OCROptions, max_tokens_cap: int) -
     task = _get(body, "task", str)
     if task or not text:
         if not images and not files:
-            raise APIError(400, "the request has no image: send one as an image_url part", code="no_image",
-                           param=key)
+            raise APIError(400, "the request has no image: send one as an image_url part", code="no_image", param=key)
         implied = dict(task=task or base.task or "markdown", ref=text or None)
     else:
         implied = dict(prompt=text if "<image>" in text else "<image>\n" * len(images + files) + text)
@@ -145,8 +155,9 @@ def parse_request(body: dict, key: str, base: OCROptions, max_tokens_cap: int) -
         implied["retry_on_repetition"] = False
     options = request_options(base, body, max_tokens_cap, **implied)
     stream_options = _get(body, "stream_options", dict, {})
-    return OCRRequest(_get(body, "model", str), images, files, options, stream,
-                      bool(stream_options.get("include_usage")))
+    return OCRRequest(
+        _get(body, "model", str), images, files, options, stream, bool(stream_options.get("include_usage"))
+    )
 
 
 def usage(pages: list[OCRResult], responses: bool = False) -> dict[str, Any]:
@@ -154,10 +165,19 @@ def usage(pages: list[OCRResult], responses: bool = False) -> dict[str, Any]:
     completion = sum(p.generated_tokens for p in pages)
     details = {"cached_tokens": 0, "image_tokens": sum(p.image_tokens for p in pages)}
     if responses:
-        return {"input_tokens": prompt, "input_tokens_details": details, "output_tokens": completion,
-                "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": prompt + completion}
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": details}
+        return {
+            "input_tokens": prompt,
+            "input_tokens_details": details,
+            "output_tokens": completion,
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": prompt + completion,
+        }
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": details,
+    }
 
 
 def finish_reason(pages: list[OCRResult]) -> str:
@@ -178,14 +198,29 @@ class ChatShapes:
         self.include_usage = include_usage
 
     def completion(self, text: str, pages: list[OCRResult]) -> dict[str, Any]:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason(pages),
-                  "logprobs": None}
-        return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
-                "choices": [choice], "usage": usage(pages)}
+        choice = {
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "finish_reason": finish_reason(pages),
+            "logprobs": None,
+        }
+        return {
+            "id": self.id,
+            "object": "chat.completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice],
+            "usage": usage(pages),
+        }
 
     def chunk(self, delta: dict, finish: str | None = None, usage: dict | None = None) -> str:
-        body = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
-                "choices": [] if usage else [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+        body = {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": [] if usage else [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
+        }
         return sse(body | ({"usage": usage} if self.include_usage else {}))
 
     def closing(self, pages: list[OCRResult]) -> list[str]:
@@ -207,27 +242,42 @@ class ResponseShapes:
     def response(self, text: str | None, pages: list[OCRResult] | None) -> dict[str, Any]:
         reason = finish_reason(pages) if pages is not None else None
         status = "in_progress" if reason is None else "incomplete" if reason == "length" else "completed"
-        return {"id": self.id, "object": "response", "created_at": self.created, "model": self.model,
-                "status": status, "error": None, "finish_reason": reason,
-                "incomplete_details": {"reason": "max_output_tokens"} if reason == "length" else None,
-                "output": [] if text is None else [self.message(text)],
-                "usage": usage(pages, responses=True) if pages is not None else None}
+        return {
+            "id": self.id,
+            "object": "response",
+            "created_at": self.created,
+            "model": self.model,
+            "status": status,
+            "error": None,
+            "finish_reason": reason,
+            "incomplete_details": {"reason": "max_output_tokens"} if reason == "length" else None,
+            "output": [] if text is None else [self.message(text)],
+            "usage": usage(pages, responses=True) if pages is not None else None,
+        }
 
     def message(self, text: str | None) -> dict[str, Any]:
         content = [] if text is None else [{"type": "output_text", "text": text, "annotations": []}]
-        return {"id": self.msg_id, "type": "message", "status": "in_progress" if text is None else "completed",
-                "role": "assistant", "content": content}
+        return {
+            "id": self.msg_id,
+            "type": "message",
+            "status": "in_progress" if text is None else "completed",
+            "role": "assistant",
+            "content": content,
+        }
 
     def event(self, kind: str, **fields: Any) -> str:
         self.seq += 1
         return sse({"type": kind, "sequence_number": self.seq - 1, **fields}, kind)
 
     def opening(self) -> list[str]:
-        return [self.event("response.created", response=self.response(None, None)),
-                self.event("response.in_progress", response=self.response(None, None)),
-                self.event("response.output_item.added", output_index=0, item=self.message(None)),
-                self.event("response.content_part.added", **self.where,
-                           part={"type": "output_text", "text": "", "annotations": []})]
+        return [
+            self.event("response.created", response=self.response(None, None)),
+            self.event("response.in_progress", response=self.response(None, None)),
+            self.event("response.output_item.added", output_index=0, item=self.message(None)),
+            self.event(
+                "response.content_part.added", **self.where, part={"type": "output_text", "text": "", "annotations": []}
+            ),
+        ]
 
     def delta(self, text: str) -> str:
         self.parts.append(text)
@@ -235,11 +285,16 @@ class ResponseShapes:
 
     def closing(self, pages: list[OCRResult]) -> list[str]:
         text = "".join(self.parts)
-        return [self.event("response.output_text.done", **self.where, text=text, logprobs=[]),
-                self.event("response.content_part.done", **self.where,
-                           part={"type": "output_text", "text": text, "annotations": []}),
-                self.event("response.output_item.done", output_index=0, item=self.message(text)),
-                self.event("response.completed", response=self.response(text, pages))]
+        return [
+            self.event("response.output_text.done", **self.where, text=text, logprobs=[]),
+            self.event(
+                "response.content_part.done",
+                **self.where,
+                part={"type": "output_text", "text": text, "annotations": []},
+            ),
+            self.event("response.output_item.done", output_index=0, item=self.message(text)),
+            self.event("response.completed", response=self.response(text, pages)),
+        ]
 
     def error(self, e: APIError) -> str:
         return self.event("error", **e.body()["error"])

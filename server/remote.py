@@ -65,9 +65,15 @@ class _PinnedHTTPSConnection(http.client.HTTPSConnection):
         self.sock = self._context.wrap_socket(sock, server_hostname=self.host)  # certificate checked for the name
 
 
-def fetch_url(url: str, *, max_bytes: int, timeout: float = 10.0, max_redirects: int = 3,
-              resolve: Callable[[str, int], list[str]] | None = None,
-              allowed: Callable[[str], bool] | None = None) -> bytes:
+def fetch_url(
+    url: str,
+    *,
+    max_bytes: int,
+    timeout: float = 10.0,
+    max_redirects: int = 3,
+    resolve: Callable[[str, int], list[str]] | None = None,
+    allowed: Callable[[str], bool] | None = None,
+) -> bytes:
     """GET a public http(s) URL with size and time limits, checking every hop against SSRF.
 
     Each hop's host is resolved once (``resolve``, by default :func:`resolve_host`); every address must

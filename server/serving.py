@@ -18,8 +18,9 @@ from dsocr_mlx.pipeline import OCRResult
 from dsocr_mlx.processing import decode_image
 
 
-def stream_page(model: Any, images: list[Any], options: OCROptions, on_delta: Callable[[str], None],
-                page: int | None = None) -> OCRResult:
+def stream_page(
+    model: Any, images: list[Any], options: OCROptions, on_delta: Callable[[str], None], page: int | None = None
+) -> OCRResult:
     """Run one generation, passing each token's client text delta (often empty) to ``on_delta``."""
     result = None
     for response in model.stream_ocr(images or None, options=options, page=page):
@@ -48,8 +49,14 @@ def pdf_upload(data: bytes, max_pages: int, pages: str | None = None) -> Iterato
             raise ValueError(str(e).replace(str(path), "the PDF")) from None
 
 
-def stream_request(model: Any, images: list[Any], pdf_data: bytes | None, options: OCROptions,
-                   on_delta: Callable[[str], None], max_pages: int = pdf.MAX_PAGES) -> list[OCRResult]:
+def stream_request(
+    model: Any,
+    images: list[Any],
+    pdf_data: bytes | None,
+    options: OCROptions,
+    on_delta: Callable[[str], None],
+    max_pages: int = pdf.MAX_PAGES,
+) -> list[OCRResult]:
     """One request's generations: the images together, or a PDF page by page.
 
     A PDF's text is the official combined Markdown: each page followed by the page separator.
@@ -64,8 +71,16 @@ def stream_request(model: Any, images: list[Any], pdf_data: bytes | None, option
     return results
 
 
-def ocr_document(model: Any, data: bytes, options: OCROptions, *, max_pixels: int, pages: str | None = None,
-                 max_pages: int = pdf.MAX_PAGES, on_text: Callable[[str], None] | None = None) -> list[OCRResult]:
+def ocr_document(
+    model: Any,
+    data: bytes,
+    options: OCROptions,
+    *,
+    max_pixels: int,
+    pages: str | None = None,
+    max_pages: int = pdf.MAX_PAGES,
+    on_text: Callable[[str], None] | None = None,
+) -> list[OCRResult]:
     """OCR of an uploaded image, or of an uploaded PDF's pages.
 
     Raises:

@@ -189,8 +189,9 @@ class AsyncJob:
     def cancel(self) -> None:
         self.job.cancelled.set()
 
-    async def events(self, is_disconnected: Callable[[], Awaitable[bool]] | None = None,
-                     poll: float = 0.5) -> AsyncIterator[Any]:
+    async def events(
+        self, is_disconnected: Callable[[], Awaitable[bool]] | None = None, poll: float = 0.5
+    ) -> AsyncIterator[Any]:
         """Yield the job's events; afterwards ``self.result`` holds what the work returned.
 
         Raises:

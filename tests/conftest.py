@@ -33,8 +33,9 @@ def tiny_config():
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory, tiny_config) -> Path:
     """The tiny checkpoint in the original HF layout, sharded so the index path is exercised."""
-    return write_random_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", tiny_config, seed=3,
-                                   max_shard_bytes=12_000_000)
+    return write_random_checkpoint(
+        tmp_path_factory.mktemp("ckpt") / "tiny", tiny_config, seed=3, max_shard_bytes=12_000_000
+    )
 
 
 @pytest.fixture(scope="session")

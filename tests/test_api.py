@@ -71,8 +71,12 @@ def test_ocr_is_deterministic_and_reports_usage(tiny_model, sample_image):
     assert a.token_ids == b.token_ids and len(a.token_ids) == 6
     assert a.image_tokens == 111 and a.prompt_tokens == 111 + 1 + 4
     assert a.raw_text == tiny_model.tokenizer.decode(a.token_ids).strip()
-    hot = [tiny_model.ocr(sample_image, "<image>\nFree OCR.", mode="small", max_new_tokens=6, temperature=5.0,
-                          seed=s).token_ids for s in (1, 1, 2)]
+    hot = [
+        tiny_model.ocr(
+            sample_image, "<image>\nFree OCR.", mode="small", max_new_tokens=6, temperature=5.0, seed=s
+        ).token_ids
+        for s in (1, 1, 2)
+    ]
     assert hot[0] == hot[1] and hot[0] != hot[2] and hot[0] != a.token_ids
 
 
@@ -81,15 +85,19 @@ def test_image_input_types_agree(tiny_model, sample_image, tmp_path):
 
     path = tmp_path / "page.png"
     Image.fromarray(sample_image).save(path)
-    ids = [tiny_model.prepare(x, mode="base").global_pixels
-           for x in (sample_image, str(path), path.read_bytes(), Image.open(path))]
+    ids = [
+        tiny_model.prepare(x, mode="base").global_pixels
+        for x in (sample_image, str(path), path.read_bytes(), Image.open(path))
+    ]
     assert all(np.array_equal(ids[0], other) for other in ids[1:])
 
 
 def test_clean_markdown_follows_the_official_post_processing():
-    raw = ("<|ref|>title<|/ref|><|det|>[[1, 2, 3, 4]]<|/det|>\n# Hello\n"
-           "<|ref|>image<|/ref|><|det|>[[10, 20, 30, 40]]<|/det|>\n"
-           "<|ref|>text<|/ref|><|det|>[[5, 5, 9, 9]]<|/det|>\na \\coloneqq b")
+    raw = (
+        "<|ref|>title<|/ref|><|det|>[[1, 2, 3, 4]]<|/det|>\n# Hello\n"
+        "<|ref|>image<|/ref|><|det|>[[10, 20, 30, 40]]<|/det|>\n"
+        "<|ref|>text<|/ref|><|det|>[[5, 5, 9, 9]]<|/det|>\na \\coloneqq b"
+    )
     assert clean_markdown(raw) == "\n# Hello\n![](images/0.jpg)\n\n\na := b"
 
 

@@ -13,8 +13,24 @@ from dsocr_mlx.cli import app
 
 def test_bench_reports_every_stage_and_writes_outputs(tiny_ckpt, tmp_path):
     out = tmp_path / "bench"
-    result = CliRunner().invoke(app, ["bench", "--model", str(tiny_ckpt), "--backend", "mlx", "--mode", "small",
-                                      "--tokens", "4", "--trials", "1", "--out", str(out)])
+    result = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            "--model",
+            str(tiny_ckpt),
+            "--backend",
+            "mlx",
+            "--mode",
+            "small",
+            "--tokens",
+            "4",
+            "--trials",
+            "1",
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "| decode (tok/s) |" in result.stdout and "mlx" in result.stdout
     data = json.loads((out / "bench.json").read_text())[0]
@@ -33,8 +49,24 @@ def test_page_image_is_deterministic():
 
 def test_bench_times_tiles_and_the_pdf_benchmark(tiny_ckpt, tmp_path):
     out = tmp_path / "bench"
-    result = CliRunner().invoke(app, ["bench", "--model", str(tiny_ckpt), "--mode", "gundam", "--tokens", "3",
-                                      "--trials", "1", "--pdf-pages", "2", "--out", str(out)])
+    result = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            "--model",
+            str(tiny_ckpt),
+            "--mode",
+            "gundam",
+            "--tokens",
+            "3",
+            "--trials",
+            "1",
+            "--pdf-pages",
+            "2",
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     median = json.loads((out / "bench.json").read_text())[0]["median"]
     assert median["tiles"] == 6 and median["vision_per_tile_s"] > 0  # page_image() is tiled 3 x 2
@@ -48,7 +80,11 @@ def test_markdown_table_names_peers_by_name():
     from dsocr_mlx.bench import markdown_table
 
     stages = dict.fromkeys(STAGES, 1.0)
-    ours = {"environment": {"backend": "mlx", "dtype": "float32"}, "load_s": 1.0, "peak_memory_gb": 2.0,
-            "median": stages}
+    ours = {
+        "environment": {"backend": "mlx", "dtype": "float32"},
+        "load_s": 1.0,
+        "peak_memory_gb": 2.0,
+        "median": stages,
+    }
     peer = {"name": "mlx-vlm", "load_s": 1.0, "peak_memory_gb": 2.0, "median": stages}
     assert markdown_table([ours, peer]).splitlines()[0] == "| stage | mlx float32 | mlx-vlm |"

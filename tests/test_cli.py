@@ -201,8 +201,10 @@ def test_convert_and_models_commands(env, tiny_ckpt, tmp_path, monkeypatch):
 
 
 def test_help_and_version_import_nothing_heavy():
-    code = ("import sys; from dsocr_mlx.cli import app; "
-            "print(sorted(m for m in ('mlx', 'torch', 'numpy', 'PIL', 'transformers') if m in sys.modules))")
+    code = (
+        "import sys; from dsocr_mlx.cli import app; "
+        "print(sorted(m for m in ('mlx', 'torch', 'numpy', 'PIL', 'transformers') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
@@ -212,12 +214,17 @@ def test_installed_entry_point(page, tiny_ckpt, tmp_path):
     version = subprocess.run([exe, "--version"], capture_output=True, text=True)
     assert version.returncode == 0 and dsocr_mlx.__version__ in version.stdout
     env = dict(os.environ, DSOCR_CONFIG=str(tmp_path / "c.toml"))
-    run = subprocess.run([exe, "ocr", str(page), "--model", str(tiny_ckpt), "--mode", "tiny", *BASE,
-                          "--format", "json"], capture_output=True, text=True, env=env)
+    run = subprocess.run(
+        [exe, "ocr", str(page), "--model", str(tiny_ckpt), "--mode", "tiny", *BASE, "--format", "json"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert run.returncode == 0, run.stderr
     assert json.loads(run.stdout)["usage"]["completion_tokens"] == 4
-    missing = subprocess.run([exe, "ocr", str(tmp_path / "nope.png"), "--model", str(tiny_ckpt)],
-                             capture_output=True, text=True, env=env)
+    missing = subprocess.run(
+        [exe, "ocr", str(tmp_path / "nope.png"), "--model", str(tiny_ckpt)], capture_output=True, text=True, env=env
+    )
     assert missing.returncode == 1 and "nope.png: file not found" in missing.stderr
     usage = subprocess.run([exe, "ocr"], capture_output=True, text=True, env=env)
     assert usage.returncode == 2

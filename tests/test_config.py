@@ -71,8 +71,7 @@ def test_defaults_equal_real_config(real_args):
 
 @pytest.mark.parametrize(
     "args",
-    [tiny_args(), tiny_args(layers=3), full_args(), full_args(3),
-     replace(tiny_args(), image_token_id=100)],
+    [tiny_args(), tiny_args(layers=3), full_args(), full_args(3), replace(tiny_args(), image_token_id=100)],
     ids=["tiny", "tiny3", "full", "full3", "tiny-custom"],
 )
 def test_to_hf_dict_round_trips(args):
@@ -147,10 +146,12 @@ def test_bad_global_attn_indexes(indexes, bad):
 
 @pytest.mark.parametrize(
     "make, numbers",
-    [(lambda: SamArgs(heads=5), (768, 5)),
-     (lambda: ClipArgs(heads=7), (1024, 7)),
-     (lambda: TextArgs(num_attention_heads=3), (1280, 3)),
-     (lambda: TextArgs(num_key_value_heads=4), (10, 4))],
+    [
+        (lambda: SamArgs(heads=5), (768, 5)),
+        (lambda: ClipArgs(heads=7), (1024, 7)),
+        (lambda: TextArgs(num_attention_heads=3), (1280, 3)),
+        (lambda: TextArgs(num_key_value_heads=4), (10, 4)),
+    ],
     ids=["sam", "clip", "text", "text-kv"],
 )
 def test_heads_must_divide_width(make, numbers):
@@ -161,9 +162,12 @@ def test_heads_must_divide_width(make, numbers):
 
 @pytest.mark.parametrize(
     "kwargs, word",
-    [({"num_experts_per_tok": 65}, "num_experts_per_tok"),
-     ({"topk_method": "group_limited_greedy"}, "routing"),
-     ({"rope_scaling": {"type": "yarn"}}, "rope_scaling"), ({"hidden_act": "gelu"}, "hidden_act")],
+    [
+        ({"num_experts_per_tok": 65}, "num_experts_per_tok"),
+        ({"topk_method": "group_limited_greedy"}, "routing"),
+        ({"rope_scaling": {"type": "yarn"}}, "rope_scaling"),
+        ({"hidden_act": "gelu"}, "hidden_act"),
+    ],
 )
 def test_unsupported_text_options(kwargs, word):
     with pytest.raises(ValueError, match=word):

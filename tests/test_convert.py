@@ -50,8 +50,9 @@ def test_converted_weights_are_in_mlx_layout(tiny_ckpt, tmp_path, tiny_config):
 
 @pytest.mark.parametrize("bits,group,mode", [(8, 64, "affine"), (4, 32, "affine"), (4, 32, "mxfp4")])
 def test_quantized_folder_loads_without_flags(tiny_ckpt, tmp_path, inputs, tiny_model, bits, group, mode):
-    out = convert(tiny_ckpt, tmp_path / f"q{bits}{mode}", q_bits=bits, q_group_size=group, q_mode=mode,
-                  show_progress=False)
+    out = convert(
+        tiny_ckpt, tmp_path / f"q{bits}{mode}", q_bits=bits, q_group_size=group, q_mode=mode, show_progress=False
+    )
     config = json.loads((out.path / "config.json").read_text())
     assert config["quantization"]["bits"] == bits and config["quantization"]["group_size"] == group
     assert config["quantization"]["mode"] == mode
@@ -78,8 +79,14 @@ def test_quantized_folder_loads_without_flags(tiny_ckpt, tmp_path, inputs, tiny_
 
 
 def test_policy_can_quantize_the_vision_linears(tiny_ckpt, tmp_path):
-    out = convert(tiny_ckpt, tmp_path / "qv", q_bits=8, q_group_size=32, q_policy={"vision": True, "lm_head": False},
-                  show_progress=False)
+    out = convert(
+        tiny_ckpt,
+        tmp_path / "qv",
+        q_bits=8,
+        q_group_size=32,
+        q_policy={"vision": True, "lm_head": False},
+        show_progress=False,
+    )
     m = dsocr_mlx.load(str(out.path)).runtime.model
     assert isinstance(m.model.sam_model.blocks[0].attn.qkv, nn.QuantizedLinear)
     assert type(m.lm_head) is nn.Linear
@@ -90,8 +97,10 @@ def test_policy_can_quantize_the_vision_linears(tiny_ckpt, tmp_path):
 def test_shards_and_refusals(tiny_ckpt, tmp_path, inputs):
     out = convert(tiny_ckpt, tmp_path / "sharded", dtype="float32", max_shard_bytes=8_000_000, show_progress=False)
     assert len(out.files) > 2 and (out.path / "model.safetensors.index.json").is_file()
-    np.testing.assert_array_equal(dsocr_mlx.load(str(out.path)).prefill_logits(inputs),
-                                  dsocr_mlx.load(str(tiny_ckpt), dtype="float32").prefill_logits(inputs))
+    np.testing.assert_array_equal(
+        dsocr_mlx.load(str(out.path)).prefill_logits(inputs),
+        dsocr_mlx.load(str(tiny_ckpt), dtype="float32").prefill_logits(inputs),
+    )
     with pytest.raises(FileExistsError, match="not empty"):
         convert(tiny_ckpt, out.path, show_progress=False)
     with pytest.raises(ValueError, match="already converted"):
@@ -116,7 +125,7 @@ def write_mlx_vlm_folder(src, dst, quantize_bits: int | None = None):
         elif key == "model.view_seperator":
             key = "view_separator"
         else:
-            key = key[len("model."):]
+            key = key[len("model.") :]
         renamed[key] = value.astype(mx.float16)
     config = json.loads((src / "config.json").read_text())
     config["text_config"] = config.pop("language_config")
@@ -126,9 +135,16 @@ def write_mlx_vlm_folder(src, dst, quantize_bits: int | None = None):
         quantized = {}
         for key, value in renamed.items():
             path = key.rsplit(".", 1)[0]
-            if (key.endswith(".weight") and value.ndim >= 2 and value.shape[-1] % 64 == 0
-                    and "patch_embed" not in key and "net_" not in key and "neck" not in key
-                    and "patch_embedding" not in key and ".mlp.gate." not in key):
+            if (
+                key.endswith(".weight")
+                and value.ndim >= 2
+                and value.shape[-1] % 64 == 0
+                and "patch_embed" not in key
+                and "net_" not in key
+                and "neck" not in key
+                and "patch_embedding" not in key
+                and ".mlp.gate." not in key
+            ):
                 w, scales, biases = mx.quantize(value, 64, quantize_bits)
                 quantized.update({f"{path}.weight": w, f"{path}.scales": scales, f"{path}.biases": biases})
             else:
@@ -151,8 +167,11 @@ def test_mlx_vlm_folders_load_and_match(tiny_ckpt, tmp_path, inputs):
     m = q8.runtime.model
     assert isinstance(m.model.embed_tokens, nn.QuantizedEmbedding)  # mlx-vlm quantizes embeddings too
     saved = mx.load(str(tmp_path / "vlm8" / "model.safetensors"))
-    quantized = {p for p, mod in m.named_modules() if isinstance(mod, (nn.QuantizedLinear, nn.QuantizedEmbedding,
-                                                                       QuantizedSwitchLinear))}
+    quantized = {
+        p
+        for p, mod in m.named_modules()
+        if isinstance(mod, (nn.QuantizedLinear, nn.QuantizedEmbedding, QuantizedSwitchLinear))
+    }
     assert len(quantized) == sum(k.endswith(".scales") for k in saved)  # exactly where scales were saved
     assert np.corrcoef(q8.prefill_logits(inputs), reference)[0, 1] > 0.99
     # A converter of ours reads mlx-vlm folders as sources too.
@@ -171,12 +190,16 @@ def test_unknown_layout_names_what_was_found(tiny_ckpt, tmp_path):
 
 
 def test_script_shell_and_offline_upload(tiny_ckpt, tmp_path, monkeypatch):
-    run = subprocess.run([sys.executable, "-m", "dsocr_convert", str(tiny_ckpt), str(tmp_path / "s"),
-                          "--q-bits", "8"], capture_output=True, text=True)
+    run = subprocess.run(
+        [sys.executable, "-m", "dsocr_convert", str(tiny_ckpt), str(tmp_path / "s"), "--q-bits", "8"],
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 0, run.stderr
     assert "wrote" in run.stdout and "quantized" in run.stdout and run.stderr == ""  # no bar when not a TTY
-    again = subprocess.run([sys.executable, "-m", "dsocr_convert", str(tiny_ckpt), str(tmp_path / "s")],
-                           capture_output=True, text=True)
+    again = subprocess.run(
+        [sys.executable, "-m", "dsocr_convert", str(tiny_ckpt), str(tmp_path / "s")], capture_output=True, text=True
+    )
     assert again.returncode == 1 and "not empty" in again.stderr and "Traceback" not in again.stderr
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ConnectionError, match="upload to|HF_HUB_OFFLINE"):

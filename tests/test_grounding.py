@@ -30,8 +30,9 @@ def official_boxes(raw: str, width: int, height: int) -> list[tuple[str, tuple[i
     for ref in re.findall(OFFICIAL_PATTERN, raw, re.DOTALL):
         label, points_list = ref[1], ast.literal_eval(ref[2])  # the image script's parser
         for x1, y1, x2, y2 in points_list:
-            out.append((label, (int(x1 / 999 * width), int(y1 / 999 * height), int(x2 / 999 * width),
-                                int(y2 / 999 * height))))
+            out.append(
+                (label, (int(x1 / 999 * width), int(y1 / 999 * height), int(x2 / 999 * width), int(y2 / 999 * height)))
+            )
     return out
 
 
@@ -55,8 +56,12 @@ def no_code_execution():
     def refuse(*args, **kwargs):
         raise AssertionError("code was evaluated")
 
-    with mock.patch("builtins.eval", refuse), mock.patch("builtins.exec", refuse), \
-            mock.patch("builtins.compile", refuse), mock.patch("ast.literal_eval", refuse):
+    with (
+        mock.patch("builtins.eval", refuse),
+        mock.patch("builtins.exec", refuse),
+        mock.patch("builtins.compile", refuse),
+        mock.patch("ast.literal_eval", refuse),
+    ):
         yield
 
 
@@ -65,42 +70,75 @@ def no_code_execution():
 # --------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    ("[[1, 2, 3, 4]]", [(1, 2, 3, 4)]),
-    ("[[1,2,3,4],[5,6,7,8]]", [(1, 2, 3, 4), (5, 6, 7, 8)]),
-    ("  [ [ 10 , 20 , 30 , 40 ] ,\n [50,60,70,80] ]  ", [(10, 20, 30, 40), (50, 60, 70, 80)]),
-    ("[[12.5, 0.25, 999, 998.75]]", [(12.5, 0.25, 999, 998.75)]),
-    ("[[-3, 0, 1000, 5]]", [(-3, 0, 1000, 5)]),
-    ("[[1, 2, 3, 4],]", [(1, 2, 3, 4)]),  # literal_eval accepts the trailing comma too
-])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("[[1, 2, 3, 4]]", [(1, 2, 3, 4)]),
+        ("[[1,2,3,4],[5,6,7,8]]", [(1, 2, 3, 4), (5, 6, 7, 8)]),
+        ("  [ [ 10 , 20 , 30 , 40 ] ,\n [50,60,70,80] ]  ", [(10, 20, 30, 40), (50, 60, 70, 80)]),
+        ("[[12.5, 0.25, 999, 998.75]]", [(12.5, 0.25, 999, 998.75)]),
+        ("[[-3, 0, 1000, 5]]", [(-3, 0, 1000, 5)]),
+        ("[[1, 2, 3, 4],]", [(1, 2, 3, 4)]),  # literal_eval accepts the trailing comma too
+    ],
+)
 def test_parse_boxes_valid(text, expected):
     boxes = parse_boxes(text)
     assert boxes == [tuple(float(v) for v in b) for b in expected]
     assert boxes == [tuple(float(v) for v in b) for b in ast.literal_eval(text)]
 
 
-@pytest.mark.parametrize("text", [
-    "", "[]", "[[]]", "[[1, 2, 3]]", "[[1, 2, 3, 4, 5]]", "[1, 2, 3, 4]", "[[[1, 2, 3, 4]]]", "[[1, 2, 3, 4]",
-    "[[1, 2, 3, 4]] extra", "[[1, 2, 3, 4] [5, 6, 7, 8]]", "[[a, b, c, d]]", "[[1, 2, 3, None]]",
-    "[[1e5, 2, 3, 4]]", "[[0x10, 1, 2, 3]]", "[[True, 1, 2, 3]]", "[(1, 2, 3, 4)]", "[[1, 2, 3, 4]];[1]",
-    "[[1,,2,3,4]]", "__import__('os').system('true')", "[[1, 2, 3, 4]] + [[eval('1'), 0, 0, 0]]",
-    "[[lambda: 0, 1, 2, 3]]", "[" + "[1, 2, 3, 4]," * 300 + "]",  # more boxes than a real layout block
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "[]",
+        "[[]]",
+        "[[1, 2, 3]]",
+        "[[1, 2, 3, 4, 5]]",
+        "[1, 2, 3, 4]",
+        "[[[1, 2, 3, 4]]]",
+        "[[1, 2, 3, 4]",
+        "[[1, 2, 3, 4]] extra",
+        "[[1, 2, 3, 4] [5, 6, 7, 8]]",
+        "[[a, b, c, d]]",
+        "[[1, 2, 3, None]]",
+        "[[1e5, 2, 3, 4]]",
+        "[[0x10, 1, 2, 3]]",
+        "[[True, 1, 2, 3]]",
+        "[(1, 2, 3, 4)]",
+        "[[1, 2, 3, 4]];[1]",
+        "[[1,,2,3,4]]",
+        "__import__('os').system('true')",
+        "[[1, 2, 3, 4]] + [[eval('1'), 0, 0, 0]]",
+        "[[lambda: 0, 1, 2, 3]]",
+        "[" + "[1, 2, 3, 4]," * 300 + "]",  # more boxes than a real layout block
+    ],
+)
 def test_parse_boxes_rejects(text):
     with no_code_execution():
         assert parse_boxes(text) is None
 
 
 def test_parse_blocks_maps_pixels_and_text():
-    raw = ("Header line\n" + span("title", "[[10, 20, 500, 100]]") + "\n# Quarterly report\n\n"
-           + span("image", "[[100, 200, 600, 800], [0, 0, 999, 999]]") + "\n"
-           + span("text", "[[50.5, 850, 950, 990.9]]") + "\nRevenue grew by 12 %.  \n")
+    raw = (
+        "Header line\n"
+        + span("title", "[[10, 20, 500, 100]]")
+        + "\n# Quarterly report\n\n"
+        + span("image", "[[100, 200, 600, 800], [0, 0, 999, 999]]")
+        + "\n"
+        + span("text", "[[50.5, 850, 950, 990.9]]")
+        + "\nRevenue grew by 12 %.  \n"
+    )
     width, height = 1237, 1754
     blocks = parse_blocks(raw, width, height, page=3)
     assert [(b.label, b.box_px) for b in blocks] == official_boxes(raw, width, height)
     assert [b.label for b in blocks] == ["title", "image", "image", "text"]
-    assert blocks[0].box_px == (int(10 / 999 * width), int(20 / 999 * height), int(500 / 999 * width),
-                                int(100 / 999 * height))
+    assert blocks[0].box_px == (
+        int(10 / 999 * width),
+        int(20 / 999 * height),
+        int(500 / 999 * width),
+        int(100 / 999 * height),
+    )
     assert blocks[2].box_px == (0, 0, width, height)
     assert blocks[3].box == (50.5, 850.0, 950.0, 990.9)
     assert [b.text for b in blocks] == ["# Quarterly report", "", "", "Revenue grew by 12 %."]
@@ -143,8 +181,11 @@ def test_parse_blocks_matches_official_on_valid_spans(raw, width, height):
     blocks = parse_blocks(raw, width, height)
     assert [(b.label, b.box_px) for b in blocks] == official_boxes(raw, width, height)
     matches = list(re.finditer(OFFICIAL_PATTERN, raw, re.DOTALL))
-    expected_text = [raw[m.end() : (matches[i + 1].start() if i + 1 < len(matches) else len(raw))].strip()
-                     for i, m in enumerate(matches) for _ in ast.literal_eval(m.group(3))]
+    expected_text = [
+        raw[m.end() : (matches[i + 1].start() if i + 1 < len(matches) else len(raw))].strip()
+        for i, m in enumerate(matches)
+        for _ in ast.literal_eval(m.group(3))
+    ]
     assert [b.text for b in blocks] == expected_text
 
 
@@ -153,11 +194,45 @@ def test_parse_blocks_matches_official_on_valid_spans(raw, width, height):
 # --------------------------------------------------------------------------------------------------------------
 
 FRAGMENTS = [
-    "<|ref|>", "<|/ref|>", "<|det|>", "<|/det|>", "<|ref|>image<|/ref|>", "<|ref|>text<|/ref|><|det|>",
-    "[[", "]]", "[", "]", ",", " ", "\n", "1", "999", "-3", "12.5", "9" * 7, "1e309", "text", "image",
-    "__import__('os').system('echo pwned')", "eval('1+1')", "exec('x=1')", "lambda: 0", "(1, 2, 3, 4)",
-    "{'a': 1}", "None", "\\coloneqq", "\\eqqcolon", "é", "🎉", "中文", "\x00", "١٢", "[[1, 2, 3, 4]]",
-    "[[1, 2, 3, 4], [5, 6, 7, 8]]", "<|/det|>[[", "]]<|/det|>",
+    "<|ref|>",
+    "<|/ref|>",
+    "<|det|>",
+    "<|/det|>",
+    "<|ref|>image<|/ref|>",
+    "<|ref|>text<|/ref|><|det|>",
+    "[[",
+    "]]",
+    "[",
+    "]",
+    ",",
+    " ",
+    "\n",
+    "1",
+    "999",
+    "-3",
+    "12.5",
+    "9" * 7,
+    "1e309",
+    "text",
+    "image",
+    "__import__('os').system('echo pwned')",
+    "eval('1+1')",
+    "exec('x=1')",
+    "lambda: 0",
+    "(1, 2, 3, 4)",
+    "{'a': 1}",
+    "None",
+    "\\coloneqq",
+    "\\eqqcolon",
+    "é",
+    "🎉",
+    "中文",
+    "\x00",
+    "١٢",
+    "[[1, 2, 3, 4]]",
+    "[[1, 2, 3, 4], [5, 6, 7, 8]]",
+    "<|/det|>[[",
+    "]]<|/det|>",
 ]
 # At most 40 fragments of at most 7 digits: numbers stay below 1e308 (see test_overflowing_number_gives_no_block).
 ADVERSARIAL = st.lists(st.one_of(st.sampled_from(FRAGMENTS), st.text(max_size=6)), max_size=40).map("".join)
@@ -193,8 +268,13 @@ def long_document(draw) -> str:
 
 @settings(max_examples=15, deadline=None)
 @given(raw=long_document())
-@example(raw=(span("image", "[[1, 2, 3, 4]]") + "caption text " * 10 + span("text", "[[5, 6, 7, 8]]")
-              + "\\coloneqq é 🎉 " * 5) * 600 + "<|ref|>image<|/ref|><|det|>[[1, 2")
+@example(
+    raw=(
+        span("image", "[[1, 2, 3, 4]]") + "caption text " * 10 + span("text", "[[5, 6, 7, 8]]") + "\\coloneqq é 🎉 " * 5
+    )
+    * 600
+    + "<|ref|>image<|/ref|><|det|>[[1, 2"
+)
 def test_long_inputs_never_raise(raw):
     assert len(raw) <= 200_000
     with no_code_execution():
@@ -212,18 +292,23 @@ def official_boxes_safe(raw: str) -> list:
             value = ast.literal_eval(ref[2])
         except Exception:  # noqa: BLE001 - anything the official parser would skip
             continue
-        if (isinstance(value, list) and value and len(value) <= 256
-                and all(isinstance(b, list) and len(b) == 4 and all(type(v) in (int, float) for v in b)
-                        for b in value)):
+        if (
+            isinstance(value, list)
+            and value
+            and len(value) <= 256
+            and all(isinstance(b, list) and len(b) == 4 and all(type(v) in (int, float) for v in b) for b in value)
+        ):
             ok.extend(value)
     return ok
 
 
 def test_payload_is_not_executed(tmp_path):
     marker = tmp_path / "pwned"
-    payloads = [f"__import__('pathlib').Path({str(marker)!r}).touch()",
-                f"[[open({str(marker)!r}, 'w').close(), 0, 0, 0]]",
-                f"[[1, 2, 3, 4]] if __import__('pathlib').Path({str(marker)!r}).touch() else []"]
+    payloads = [
+        f"__import__('pathlib').Path({str(marker)!r}).touch()",
+        f"[[open({str(marker)!r}, 'w').close(), 0, 0, 0]]",
+        f"[[1, 2, 3, 4]] if __import__('pathlib').Path({str(marker)!r}).touch() else []",
+    ]
     for payload in payloads:
         raw = span("image", payload) + "after"
         with no_code_execution():
@@ -232,16 +317,36 @@ def test_payload_is_not_executed(tmp_path):
     assert not marker.exists()
 
 
-MALFORMED = ["[[1, 2, 3]]", "[[1, 2, 3, 4, 5]]", "[[[1, 2, 3, 4]]]", "[[1, [2], 3, 4]]", "[[1, 2, 3, 4]",
-             "[1, 2, 3, 4]", "[[a, b, c, d]]", "[[1, 2, 3, 4]] [[5, 6, 7, 8]]", "", "[]", "[[1 2 3 4]]",
-             "[[1, 2, 3, 4]] and __import__('os')", "[[1e3, 1, 2, 3]]", "[[nan, 1, 2, 3]]", "[[inf, 0, 1, 1]]"]
+MALFORMED = [
+    "[[1, 2, 3]]",
+    "[[1, 2, 3, 4, 5]]",
+    "[[[1, 2, 3, 4]]]",
+    "[[1, [2], 3, 4]]",
+    "[[1, 2, 3, 4]",
+    "[1, 2, 3, 4]",
+    "[[a, b, c, d]]",
+    "[[1, 2, 3, 4]] [[5, 6, 7, 8]]",
+    "",
+    "[]",
+    "[[1 2 3 4]]",
+    "[[1, 2, 3, 4]] and __import__('os')",
+    "[[1e3, 1, 2, 3]]",
+    "[[nan, 1, 2, 3]]",
+    "[[inf, 0, 1, 1]]",
+]
 
 
 @settings(max_examples=100, deadline=None)
-@given(det=st.one_of(st.sampled_from(MALFORMED),
-                     st.tuples(st.sampled_from(["[[1, 2, 3, 4], [5, 6, 7, 8]]", "[[10.5, 20, 30, 40]]"]),
-                               st.integers(0, 27)).map(lambda t: t[0][: min(t[1], len(t[0]) - 1)])),
-       label=LABEL, tail=PLAIN)
+@given(
+    det=st.one_of(
+        st.sampled_from(MALFORMED),
+        st.tuples(st.sampled_from(["[[1, 2, 3, 4], [5, 6, 7, 8]]", "[[10.5, 20, 30, 40]]"]), st.integers(0, 27)).map(
+            lambda t: t[0][: min(t[1], len(t[0]) - 1)]
+        ),
+    ),
+    label=LABEL,
+    tail=PLAIN,
+)
 def test_malformed_span_gives_no_block(det, label, tail):
     raw = span(label, det) + tail
     with no_code_execution():
@@ -306,12 +411,19 @@ def test_unterminated_spans_parse_in_linear_time():
 
 
 def test_clean_markdown_official_example():
-    raw = (span("title", "[[1, 2, 3, 4]]") + "\n# Title\n" + span("image", "[[10, 10, 500, 500]]") + "\n"
-           + span("text", "[[1, 600, 999, 700]]") + "\nLet $a \\coloneqq b$ and $c \\eqqcolon d$.\n"
-           + span("image", "[[10, 800, 500, 990]]") + "\n" + span("image_caption", "[[1, 2, 3, 4]]")
-           + "\nFigure 2.")
-    expected = ("\n# Title\n![](images/0.jpg)\n\n\nLet $a := b$ and $c =: d$.\n![](images/1.jpg)\n\n"
-                "\nFigure 2.")
+    raw = (
+        span("title", "[[1, 2, 3, 4]]")
+        + "\n# Title\n"
+        + span("image", "[[10, 10, 500, 500]]")
+        + "\n"
+        + span("text", "[[1, 600, 999, 700]]")
+        + "\nLet $a \\coloneqq b$ and $c \\eqqcolon d$.\n"
+        + span("image", "[[10, 800, 500, 990]]")
+        + "\n"
+        + span("image_caption", "[[1, 2, 3, 4]]")
+        + "\nFigure 2."
+    )
+    expected = "\n# Title\n![](images/0.jpg)\n\n\nLet $a := b$ and $c =: d$.\n![](images/1.jpg)\n\n\nFigure 2."
     assert clean_markdown(raw) == expected == official_clean(raw)
     assert clean_markdown(raw, image_prefix="3_") == expected.replace("images/", "images/3_")
 
@@ -377,9 +489,14 @@ def test_save_figures_crops_image_blocks(tmp_path):
     image = _page()
     w, h = image.size
     box_red = [round(v * 999) for v in (30 / w, 40 / h, 130 / w, 140 / h)]
-    raw = (span("image", f"[{box_red}]") + "figure one" + span("text", "[[0, 0, 999, 999]]") + "words"
-           + span("image", "[[400, 500, 400, 700], [660, 100, 2000, 300]]")  # zero width, then too wide
-           + span("image", "[[999, 999, 999, 999]]"))  # zero area at the corner
+    raw = (
+        span("image", f"[{box_red}]")
+        + "figure one"
+        + span("text", "[[0, 0, 999, 999]]")
+        + "words"
+        + span("image", "[[400, 500, 400, 700], [660, 100, 2000, 300]]")  # zero width, then too wide
+        + span("image", "[[999, 999, 999, 999]]")
+    )  # zero area at the corner
     blocks = parse_blocks(raw, w, h)
     paths = save_figures(image, blocks, tmp_path / "images", prefix="2_")
     assert [p.name for p in paths] == ["2_0.jpg", "2_2.jpg"]  # numbering follows the figures, as upstream

@@ -15,9 +15,33 @@ from tests.tolerances import INTERPOLATION_ATOL
 
 # (in, out): the real grids (SAM 64 -> 32/40/80, CLIP 16 -> 8/10/20, rel-pos 127 -> 63/79/159, windowed 27),
 # plus odd up- and downsampling sizes.
-PAIRS = [(64, 32), (64, 40), (64, 80), (16, 8), (16, 10), (16, 20), (127, 63), (127, 79), (127, 159), (27, 27),
-         (7, 3), (5, 13), (33, 17), (10, 31), (100, 99), (99, 100), (64, 48), (64, 96), (3, 200), (200, 3),
-         (255, 127), (13, 6), (5, 1), (1, 4), (64, 64)]
+PAIRS = [
+    (64, 32),
+    (64, 40),
+    (64, 80),
+    (16, 8),
+    (16, 10),
+    (16, 20),
+    (127, 63),
+    (127, 79),
+    (127, 159),
+    (27, 27),
+    (7, 3),
+    (5, 13),
+    (33, 17),
+    (10, 31),
+    (100, 99),
+    (99, 100),
+    (64, 48),
+    (64, 96),
+    (3, 200),
+    (200, 3),
+    (255, 127),
+    (13, 6),
+    (5, 1),
+    (1, 4),
+    (64, 64),
+]
 PAIR_IDS = [f"{a}to{b}" for a, b in PAIRS]
 
 
@@ -35,8 +59,9 @@ def test_bicubic_antialias_matches_torch(in_size, out_size):
     F = torch.nn.functional
     rng = np.random.default_rng(in_size * 1000 + out_size)
     table = rng.standard_normal((4, in_size, in_size)).astype(np.float32)
-    expected = F.interpolate(torch.from_numpy(table)[None], size=(out_size, out_size), mode="bicubic",
-                             antialias=True, align_corners=False)[0].numpy()
+    expected = F.interpolate(
+        torch.from_numpy(table)[None], size=(out_size, out_size), mode="bicubic", antialias=True, align_corners=False
+    )[0].numpy()
     m = bicubic_antialias_matrix(in_size, out_size)
     assert m.shape == (out_size, in_size) and m.dtype == np.float32
     np.testing.assert_allclose(m.sum(axis=1), 1.0, atol=1e-6)

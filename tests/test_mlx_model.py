@@ -149,8 +149,12 @@ def test_moe_weights_are_raw_softmax_probabilities(tiny_model):
     probs /= probs.sum(-1, keepdims=True)
     top = np.sort(np.argsort(-probs, axis=-1)[..., : gate.top_k], axis=-1)
     assert np.array_equal(np.sort(np.array(indices), axis=-1), top)
-    assert_close(np.sort(np.array(weights), -1), np.sort(np.take_along_axis(probs, top, -1), -1), **COMPONENT,
-                 what="router weights")
+    assert_close(
+        np.sort(np.array(weights), -1),
+        np.sort(np.take_along_axis(probs, top, -1), -1),
+        **COMPONENT,
+        what="router weights",
+    )
     assert np.all(np.array(weights).sum(-1) < 1.0)  # not renormalised
 
 

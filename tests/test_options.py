@@ -32,22 +32,25 @@ def scripted_model(tokenizer, raw: str) -> OCRModel:
     return OCRModel(ScriptedRuntime([tokenizer.encode(raw) + [tokenizer.eos_token_id]]), tokenizer, tiny_args())
 
 
-@pytest.mark.parametrize("bad, option, words", [
-    (dict(mode="gundm"), "mode", "tiny, small, base, large, gundam"),
-    (dict(task="poem"), "task", "markdown, ocr, free"),
-    (dict(task="locate"), "ref", "needs the text"),
-    (dict(top_p=0), "top_p", "(0, 1]"),
-    (dict(top_k=-1), "top_k", ">= 0"),
-    (dict(temperature=-1), "temperature", ">= 0"),
-    (dict(repetition_penalty=0), "repetition_penalty", "> 0"),
-    (dict(no_repeat_ngram_size=-2), "no_repeat_ngram_size", ">= 0"),
-    (dict(max_new_tokens=0), "max_new_tokens", "at least 1"),
-    (dict(dpi=5), "dpi", "between 18 and 1200"),
-    (dict(output="yaml"), "output", "markdown, raw, json"),
-    (dict(temperature="hot"), "temperature", "a number"),
-    (dict(detect_loops=1), "detect_loops", "true or false"),
-    (dict(stop=[1]), "stop", "list of strings"),
-])
+@pytest.mark.parametrize(
+    "bad, option, words",
+    [
+        (dict(mode="gundm"), "mode", "tiny, small, base, large, gundam"),
+        (dict(task="poem"), "task", "markdown, ocr, free"),
+        (dict(task="locate"), "ref", "needs the text"),
+        (dict(top_p=0), "top_p", "(0, 1]"),
+        (dict(top_k=-1), "top_k", ">= 0"),
+        (dict(temperature=-1), "temperature", ">= 0"),
+        (dict(repetition_penalty=0), "repetition_penalty", "> 0"),
+        (dict(no_repeat_ngram_size=-2), "no_repeat_ngram_size", ">= 0"),
+        (dict(max_new_tokens=0), "max_new_tokens", "at least 1"),
+        (dict(dpi=5), "dpi", "between 18 and 1200"),
+        (dict(output="yaml"), "output", "markdown, raw, json"),
+        (dict(temperature="hot"), "temperature", "a number"),
+        (dict(detect_loops=1), "detect_loops", "true or false"),
+        (dict(stop=[1]), "stop", "list of strings"),
+    ],
+)
 def test_bad_values_fail_when_the_options_are_built(bad, option, words):
     with pytest.raises(OptionError) as info:
         OCROptions(**bad)
@@ -82,9 +85,11 @@ def test_the_config_template_documents_every_config_option_and_loads(tmp_path):
     ocr = TEMPLATE.split("[ocr]\n")[1].split("\n\n")[0]
     assert [line.split()[1] for line in ocr.splitlines()] == names
     # Every line uncommented is a valid config that gives the documented defaults (or the examples).
-    uncommented = "\n".join(line[2:].split("  #")[0] if line.startswith("# ") and " = " in line else line
-                            for line in TEMPLATE.splitlines() if not line.startswith("# [server.models]")
-                            and not line.startswith("# small"))
+    uncommented = "\n".join(
+        line[2:].split("  #")[0] if line.startswith("# ") and " = " in line else line
+        for line in TEMPLATE.splitlines()
+        if not line.startswith("# [server.models]") and not line.startswith("# small")
+    )
     path = tmp_path / "config.toml"
     path.write_text(uncommented)
     loaded = load_settings(path)
@@ -93,8 +98,11 @@ def test_the_config_template_documents_every_config_option_and_loads(tmp_path):
 
 def test_a_bad_config_value_names_the_file_and_setting(tmp_path):
     path = tmp_path / "config.toml"
-    for text, words in (('[ocr]\nmode = "huge"\n', "unknown mode 'huge'"), ("[ocr]\ntop_k = 1.5\n", "an integer"),
-                        ('[ocr]\noutput = "raw"\n', "unknown setting ocr.output")):
+    for text, words in (
+        ('[ocr]\nmode = "huge"\n', "unknown mode 'huge'"),
+        ("[ocr]\ntop_k = 1.5\n", "an integer"),
+        ('[ocr]\noutput = "raw"\n', "unknown setting ocr.output"),
+    ):
         path.write_text(text)
         with pytest.raises(ValueError) as info:
             load_settings(path)
@@ -108,13 +116,16 @@ def test_every_cli_option_has_a_flag():
         assert flag in help_text, flag
 
 
-@pytest.mark.parametrize("args, words", [
-    (["--mode", "gundm"], "unknown mode 'gundm'"),
-    (["--task", "poem"], "unknown task 'poem'"),
-    (["--task", "locate"], "needs the text"),
-    (["--top-p", "3"], "--top-p"),
-    (["--task", "free", "--prompt", "x"], "either a prompt or a task"),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--mode", "gundm"], "unknown mode 'gundm'"),
+        (["--task", "poem"], "unknown task 'poem'"),
+        (["--task", "locate"], "needs the text"),
+        (["--top-p", "3"], "--top-p"),
+        (["--task", "free", "--prompt", "x"], "either a prompt or a task"),
+    ],
+)
 def test_a_typo_exits_2_before_the_model_loads(args, words, tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(dsocr_mlx, "load", lambda *a, **k: calls.append(a))
@@ -134,27 +145,64 @@ def test_cli_options_reach_the_pipeline(tmp_path, monkeypatch, tokenizer):
     monkeypatch.setenv("DSOCR_CONFIG", str(config))
     page = tmp_path / "page.png"
     Image.new("RGB", (64, 64)).save(page)
-    result = CliRunner().invoke(app, ["ocr", str(page), "--top-k", "7", "--seed", "3", "--no-detect-loops",
-                                      "--stop", "a", "--stop", "b", "--temperature", "0.5"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "ocr",
+            str(page),
+            "--top-k",
+            "7",
+            "--seed",
+            "3",
+            "--no-detect-loops",
+            "--stop",
+            "a",
+            "--stop",
+            "b",
+            "--temperature",
+            "0.5",
+        ],
+    )
     assert result.exit_code == 0, result.output
     params = model.runtime.calls[-1]
     assert (params.top_k, params.seed, params.repetition_penalty, params.temperature) == (7, 3, 1.2, 0.5)
 
 
 # Pieces of raw model output that the official clean-up rewrites, holds or removes.
-PIECES = ["Title", "body", " ", "\n", "\n\n", "\n\n\n", "\\coloneqq", "\\eqq", "colon", "é", "表",
-          "<|ref|>text<|/ref|><|det|>[[1, 2, 3, 4]]<|/det|>", "<|ref|>image<|/ref|><|det|>[[50, 60, 700, 800]]<|/det|>",
-          "<|ref|>title<|/ref|><|det|>[[5, 5, 900, 90]]<|/det|>\n", "<|ref|>", "END", "EN"]
+PIECES = [
+    "Title",
+    "body",
+    " ",
+    "\n",
+    "\n\n",
+    "\n\n\n",
+    "\\coloneqq",
+    "\\eqq",
+    "colon",
+    "é",
+    "表",
+    "<|ref|>text<|/ref|><|det|>[[1, 2, 3, 4]]<|/det|>",
+    "<|ref|>image<|/ref|><|det|>[[50, 60, 700, 800]]<|/det|>",
+    "<|ref|>title<|/ref|><|det|>[[5, 5, 900, 90]]<|/det|>\n",
+    "<|ref|>",
+    "END",
+    "EN",
+]
 
 
 @settings(max_examples=60, deadline=None)
-@given(parts=st.lists(st.sampled_from(PIECES), min_size=1, max_size=14), page=st.sampled_from([None, 0, 3]),
-       output=st.sampled_from(["markdown", "raw", "json"]), stop=st.sampled_from([(), ("END",)]))
+@given(
+    parts=st.lists(st.sampled_from(PIECES), min_size=1, max_size=14),
+    page=st.sampled_from([None, 0, 3]),
+    output=st.sampled_from(["markdown", "raw", "json"]),
+    stop=st.sampled_from([(), ("END",)]),
+)
 def test_streamed_client_text_adds_up_to_the_final_text(tokenizer, parts, page, output, stop):
     model = scripted_model(tokenizer, "".join(parts))
     image = Image.new("RGB", (200, 300), "white")
-    responses = list(model.stream_ocr(image, task="free", mode="tiny", page=page, output=output, stop=stop,
-                                      detect_loops=False))
+    responses = list(
+        model.stream_ocr(image, task="free", mode="tiny", page=page, output=output, stop=stop, detect_loops=False)
+    )
     result = responses[-1].result
     assert "".join(r.output for r in responses) == result.output_text(output)
     assert result.text == model.ocr(image, task="free", mode="tiny", page=page, stop=stop, detect_loops=False).text
@@ -184,8 +232,10 @@ def test_a_pdf_page_gives_the_same_markdown_on_every_path(raw, page_text, tokeni
     cli = CliRunner().invoke(app, ["ocr", str(path), "--mode", "tiny"])
     assert cli.exit_code == 0 and cli.stdout == want + "\n", cli.output
 
-    file_part = {"type": "file", "file": {"filename": "doc.pdf", "file_data": data_url(path.read_bytes(),
-                                                                                     "application/pdf")}}
+    file_part = {
+        "type": "file",
+        "file": {"filename": "doc.pdf", "file_data": data_url(path.read_bytes(), "application/pdf")},
+    }
     with running_server(tmp_path, loader=lambda _: model, ocr={"max_new_tokens": 64}) as base:
         client = openai.OpenAI(base_url=base + "/v1", api_key=KEY, max_retries=0, timeout=60)
         messages = [{"role": "user", "content": [file_part]}]
@@ -193,8 +243,12 @@ def test_a_pdf_page_gives_the_same_markdown_on_every_path(raw, page_text, tokeni
         assert "".join(c.choices[0].delta.content or "" for c in chat if c.choices) == want
         whole = client.chat.completions.create(model=tmp_path.name, messages=messages)
         assert whole.choices[0].message.content == want
-        inputs = [{"role": "user", "content": [{"type": "input_file", "filename": "doc.pdf",
-                                                "file_data": file_part["file"]["file_data"]}]}]
+        inputs = [
+            {
+                "role": "user",
+                "content": [{"type": "input_file", "filename": "doc.pdf", "file_data": file_part["file"]["file_data"]}],
+            }
+        ]
         events = client.responses.create(model=tmp_path.name, input=inputs, stream=True)
         assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == want
 
@@ -221,9 +275,22 @@ def test_every_config_option_reaches_every_endpoint(tokenizer, tmp_path):
     pytest.importorskip("starlette")
     from tests.test_server import data_url, image_message, multipart, png, request, running_server
 
-    config = {"task": "free", "mode": "small", "max_new_tokens": 7, "temperature": 0.5, "top_p": 0.9, "top_k": 5,
-              "seed": 1, "repetition_penalty": 1.2, "no_repeat_ngram_size": 10, "ngram_window": 40,
-              "detect_loops": False, "retry_on_repetition": False, "stop": ["zzz"], "dpi": 100}
+    config = {
+        "task": "free",
+        "mode": "small",
+        "max_new_tokens": 7,
+        "temperature": 0.5,
+        "top_p": 0.9,
+        "top_k": 5,
+        "seed": 1,
+        "repetition_penalty": 1.2,
+        "no_repeat_ngram_size": 10,
+        "ngram_window": 40,
+        "detect_loops": False,
+        "retry_on_repetition": False,
+        "stop": ["zzz"],
+        "dpi": 100,
+    }
     assert set(config) == {f.name for f in option_fields("config")}  # a new option must be added here
     want = OCROptions(**config)
     assert all(getattr(want, k) != getattr(OCROptions(), k) for k in config)  # none is its default

@@ -78,16 +78,27 @@ _SAM_RENAMES = [
 def _sam_oracle(args, raw):
     s = args.sam
     cfg = ocr2_config.DeepseekOcr2SamVisionConfig(
-        hidden_size=s.width, output_channels=s.out_chans, num_hidden_layers=s.layers, num_attention_heads=s.heads,
-        image_size=s.image_size, patch_size=s.patch_size, window_size=s.window_size,
-        global_attn_indexes=list(s.global_attn_indexes), downsample_channels=list(s.downsample_channels),
-        mlp_ratio=s.mlp_ratio, layer_norm_eps=s.layer_norm_eps, hidden_act="gelu",  # exact erf GELU
-        qkv_bias=True, use_abs_pos=True, use_rel_pos=True, attn_implementation="eager",
+        hidden_size=s.width,
+        output_channels=s.out_chans,
+        num_hidden_layers=s.layers,
+        num_attention_heads=s.heads,
+        image_size=s.image_size,
+        patch_size=s.patch_size,
+        window_size=s.window_size,
+        global_attn_indexes=list(s.global_attn_indexes),
+        downsample_channels=list(s.downsample_channels),
+        mlp_ratio=s.mlp_ratio,
+        layer_norm_eps=s.layer_norm_eps,
+        hidden_act="gelu",  # exact erf GELU
+        qkv_bias=True,
+        use_abs_pos=True,
+        use_rel_pos=True,
+        attn_implementation="eager",
     )
     state = {}
     for name, value in raw.items():
         if name.startswith(SAM):
-            key = name[len(SAM):]
+            key = name[len(SAM) :]
             for pattern, repl in _SAM_RENAMES:
                 key = re.sub(pattern, repl, key)
             state[key] = value
@@ -106,8 +117,10 @@ def test_sam_encoder_matches_oracle(parity, oracles, size):
     sam = model.model.sam_model
 
     oracle, seen = oracles["sam"], {}
-    hooks = [layer.register_forward_hook(lambda _m, inp, out, i=i: seen.__setitem__(i, (_np(inp[0]), _np(out))))
-             for i, layer in enumerate(oracle.layers)]
+    hooks = [
+        layer.register_forward_hook(lambda _m, inp, out, i=i: seen.__setitem__(i, (_np(inp[0]), _np(out))))
+        for i, layer in enumerate(oracle.layers)
+    ]
     try:
         with torch.no_grad():
             ref = oracle(torch.from_numpy(pixels).permute(0, 3, 1, 2)).last_hidden_state.permute(0, 2, 3, 1)
@@ -149,16 +162,25 @@ def test_sam_position_table_resize_matches_official(parity, oracles):
 def _clip_oracle(args, raw):
     c = args.clip
     cfg = hf_clip_config.CLIPVisionConfig(
-        hidden_size=c.width, intermediate_size=c.intermediate_size, num_hidden_layers=c.layers,
-        num_attention_heads=c.heads, image_size=c.image_size, patch_size=c.patch_size, num_channels=3,
-        hidden_act="quick_gelu", layer_norm_eps=c.layer_norm_eps, attn_implementation="eager",
+        hidden_size=c.width,
+        intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.layers,
+        num_attention_heads=c.heads,
+        image_size=c.image_size,
+        patch_size=c.patch_size,
+        num_channels=3,
+        hidden_act="quick_gelu",
+        layer_norm_eps=c.layer_norm_eps,
+        attn_implementation="eager",
     )
-    state = {"post_layernorm.weight": np.ones(c.width, np.float32),  # not in DeepSeek-OCR; unused here
-             "post_layernorm.bias": np.zeros(c.width, np.float32)}
+    state = {
+        "post_layernorm.weight": np.ones(c.width, np.float32),  # not in DeepSeek-OCR; unused here
+        "post_layernorm.bias": np.zeros(c.width, np.float32),
+    }
     for name, value in raw.items():
         if not name.startswith(CLIP):
             continue
-        key = name[len(CLIP):].replace("transformer.layers.", "encoder.layers.")
+        key = name[len(CLIP) :].replace("transformer.layers.", "encoder.layers.")
         if ".qkv_proj." in key:  # fused rows are [q; k; v]
             for part, chunk in zip("qkv", np.split(value, 3, axis=0)):
                 state[key.replace("qkv_proj", f"{part}_proj")] = chunk
@@ -191,8 +213,13 @@ def test_clip_tower_matches_oracle(parity, oracles, grid):
         ref = _np(_clip_reference(oracle, sam_map))
         if grid == args.clip.grid:  # the unresized path must equal HF's own embeddings module too
             hf = oracle.embeddings.position_embedding(oracle.embeddings.position_ids)[0]
-            assert_close(hf.numpy(), raw[CLIP + "embeddings.position_embedding.weight"], rtol=0, atol=0,
-                         what="CLIP positions at grid 16")
+            assert_close(
+                hf.numpy(),
+                raw[CLIP + "embeddings.position_embedding.weight"],
+                rtol=0,
+                atol=0,
+                what="CLIP positions at grid 16",
+            )
     assert ours.shape == (2, 1 + grid * grid, args.clip.width)
     assert_close(ours, ref, **VISION, what=f"CLIP output at grid {grid}")
 
@@ -230,14 +257,25 @@ def _text_oracle(args, raw):
     t = args.text
     assert not t.norm_topk_prob and t.topk_method == "greedy"  # the oracle router never renormalises
     cfg = ocr2_config.DeepseekOcr2TextConfig(
-        vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
-        moe_intermediate_size=t.moe_intermediate_size, num_hidden_layers=t.num_hidden_layers,
-        num_attention_heads=t.num_attention_heads, num_key_value_heads=t.num_key_value_heads,
-        n_routed_experts=t.n_routed_experts, n_shared_experts=t.n_shared_experts,
-        num_experts_per_tok=t.num_experts_per_tok, routed_scaling_factor=t.routed_scaling_factor,
-        topk_method="greedy", rms_norm_eps=t.rms_norm_eps, max_position_embeddings=t.max_position_embeddings,
-        rope_parameters={"rope_type": "default", "rope_theta": t.rope_theta}, attention_bias=t.attention_bias,
-        hidden_act="silu", tie_word_embeddings=False, attn_implementation="eager",
+        vocab_size=t.vocab_size,
+        hidden_size=t.hidden_size,
+        intermediate_size=t.intermediate_size,
+        moe_intermediate_size=t.moe_intermediate_size,
+        num_hidden_layers=t.num_hidden_layers,
+        num_attention_heads=t.num_attention_heads,
+        num_key_value_heads=t.num_key_value_heads,
+        n_routed_experts=t.n_routed_experts,
+        n_shared_experts=t.n_shared_experts,
+        num_experts_per_tok=t.num_experts_per_tok,
+        routed_scaling_factor=t.routed_scaling_factor,
+        topk_method="greedy",
+        rms_norm_eps=t.rms_norm_eps,
+        max_position_embeddings=t.max_position_embeddings,
+        rope_parameters={"rope_type": "default", "rope_theta": t.rope_theta},
+        attention_bias=t.attention_bias,
+        hidden_act="silu",
+        tie_word_embeddings=False,
+        attn_implementation="eager",
         mlp_layer_types=["sparse" if t.is_moe_layer(i) else "dense" for i in range(t.num_hidden_layers)],
     )
     state, experts = {}, {}
@@ -245,14 +283,21 @@ def _text_oracle(args, raw):
         m = re.match(r"^model\.(layers\.\d+\.mlp\.experts)\.(\d+)\.(\w+)_proj\.weight$", name)
         if m:
             experts.setdefault(m.group(1), {})[(int(m.group(2)), m.group(3))] = value
-        elif name.startswith("model.") and not name.startswith(("model.sam_model.", "model.vision_model.",
-                                                                 "model.projector.", "model.image_newline",
-                                                                 "model.view_seperator")):
-            state[name[len("model."):]] = value
+        elif name.startswith("model.") and not name.startswith(
+            (
+                "model.sam_model.",
+                "model.vision_model.",
+                "model.projector.",
+                "model.image_newline",
+                "model.view_seperator",
+            )
+        ):
+            state[name[len("model.") :]] = value
     for prefix, by_key in experts.items():
         n = t.n_routed_experts
         state[prefix + ".gate_up_proj"] = np.stack(
-            [np.concatenate([by_key[(e, "gate")], by_key[(e, "up")]], axis=0) for e in range(n)])
+            [np.concatenate([by_key[(e, "gate")], by_key[(e, "up")]], axis=0) for e in range(n)]
+        )
         state[prefix + ".down_proj"] = np.stack([by_key[(e, "down")] for e in range(n)])
     body = _load(ocr2.DeepseekOcr2TextModel(cfg), state)
     head = _load(torch.nn.Linear(t.hidden_size, t.vocab_size, bias=False), {"weight": raw["lm_head.weight"]})
@@ -264,11 +309,18 @@ def oracles(parity):
     """The torch oracles, built once from the same raw tensors."""
     args, raw, _ = parity
     p = args.projector
-    projector = _load(torch.nn.Linear(p.input_dim, p.n_embed), {"weight": raw["model.projector.layers.weight"],
-                                                                "bias": raw["model.projector.layers.bias"]})
+    projector = _load(
+        torch.nn.Linear(p.input_dim, p.n_embed),
+        {"weight": raw["model.projector.layers.weight"], "bias": raw["model.projector.layers.bias"]},
+    )
     body, head = _text_oracle(args, raw)
-    return {"sam": _sam_oracle(args, raw), "clip": _clip_oracle(args, raw), "projector": projector,
-            "text": body, "lm_head": head}
+    return {
+        "sam": _sam_oracle(args, raw),
+        "clip": _clip_oracle(args, raw),
+        "projector": projector,
+        "text": body,
+        "lm_head": head,
+    }
 
 
 def _prompt(args, length: int = 24) -> np.ndarray:
@@ -282,8 +334,11 @@ def test_decoder_logits_and_routing_match_oracle(parity, oracles, monkeypatch):
     body, head = oracles["text"], oracles["lm_head"]
 
     routed = {}
-    hooks = [layer.mlp.gate.register_forward_hook(lambda _m, _inp, out, i=i: routed.__setitem__(i, out))
-             for i, layer in enumerate(body.layers) if args.text.is_moe_layer(i)]
+    hooks = [
+        layer.mlp.gate.register_forward_hook(lambda _m, _inp, out, i=i: routed.__setitem__(i, out))
+        for i, layer in enumerate(body.layers)
+        if args.text.is_moe_layer(i)
+    ]
     try:
         with torch.no_grad():
             ref = head(body(input_ids=torch.from_numpy(ids)).last_hidden_state).numpy()
@@ -319,8 +374,12 @@ def test_decoder_logits_and_routing_match_oracle(parity, oracles, monkeypatch):
         ref_order = np.argsort(ref_indices, axis=-1)
         assert (ours_sets[clear] == np.take_along_axis(ref_indices, ref_order, -1)[clear]).all(), f"layer {i}"
         ours_w = np.take_along_axis(np.array(weights).reshape(-1, k), np.argsort(np.array(indices).reshape(-1, k)), -1)
-        assert_close(ours_w[clear], np.take_along_axis(ref_weights, ref_order, -1)[clear], **COMPONENT,
-                     what=f"layer {i} routing weights")
+        assert_close(
+            ours_w[clear],
+            np.take_along_axis(ref_weights, ref_order, -1)[clear],
+            **COMPONENT,
+            what=f"layer {i} routing weights",
+        )
 
 
 def test_decoder_cached_steps_match_oracle(parity, oracles):
@@ -349,8 +408,12 @@ def test_norm_epsilons_match_oracle(parity, oracles):
         ("SAM global block norm2", m.sam_model.blocks[1].norm2, sam.layers[1].layer_norm2, False),
         ("SAM neck LayerNorm2d", m.sam_model.neck[1], sam.neck.layer_norm1, True),
         ("CLIP pre_layrnorm", m.vision_model.pre_layrnorm, clip.pre_layrnorm, False),
-        ("CLIP layer_norm1", m.vision_model.transformer.layers[0].layer_norm1, clip.encoder.layers[0].layer_norm1,
-         False),
+        (
+            "CLIP layer_norm1",
+            m.vision_model.transformer.layers[0].layer_norm1,
+            clip.encoder.layers[0].layer_norm1,
+            False,
+        ),
         ("decoder input RMSNorm", m.layers[0].input_layernorm, text.layers[0].input_layernorm, False),
         ("decoder final RMSNorm", m.norm, text.norm, False),
     ]

@@ -52,9 +52,10 @@ def _rc4(key: bytes, data: bytes) -> bytes:
 def minimal_pdf(sizes: list[tuple[float, float]], user_password: bytes | None = None) -> bytes:
     """A hand-written PDF with empty pages of the given point sizes; with ``user_password`` it is encrypted
     with the standard security handler (RC4 40-bit, revision 2: PDF 1.7 algorithms 3.2 to 3.4)."""
-    objects = ["<< /Type /Catalog /Pages 2 0 R >>",
-               "<< /Type /Pages /Kids [" + " ".join(f"{3 + i} 0 R" for i in range(len(sizes)))
-               + f"] /Count {len(sizes)} >>"]
+    objects = [
+        "<< /Type /Catalog /Pages 2 0 R >>",
+        "<< /Type /Pages /Kids [" + " ".join(f"{3 + i} 0 R" for i in range(len(sizes))) + f"] /Count {len(sizes)} >>",
+    ]
     objects += [f"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 {w} {h}] >>" for w, h in sizes]
     file_id = hashlib.md5(b"dsocr-mlx test").digest()
     trailer = f" /ID [<{file_id.hex()}> <{file_id.hex()}>]"
@@ -62,8 +63,7 @@ def minimal_pdf(sizes: list[tuple[float, float]], user_password: bytes | None = 
         padded_user = (user_password + _PAD)[:32]
         owner = _rc4(hashlib.md5((b"owner" + _PAD)[:32]).digest()[:5], padded_user)
         permissions = -4
-        key = hashlib.md5(padded_user + owner + (permissions & 0xFFFFFFFF).to_bytes(4, "little")
-                          + file_id).digest()[:5]
+        key = hashlib.md5(padded_user + owner + (permissions & 0xFFFFFFFF).to_bytes(4, "little") + file_id).digest()[:5]
         user = _rc4(key, _PAD)
         objects.append(f"<< /Filter /Standard /V 1 /R 2 /O <{owner.hex()}> /U <{user.hex()}> /P {permissions} >>")
         trailer += f" /Encrypt {len(objects)} 0 R"
@@ -116,11 +116,22 @@ def test_render_refuses_bad_dpi(seven_pages, dpi):
         list(pdf.render_pages(seven_pages, dpi=dpi))
 
 
-@pytest.mark.parametrize(("spec", "indices"), [
-    ("1-3,7", [0, 1, 2, 6]), ("2", [1]), ("3-", [2, 3, 4, 5, 6]), ("-2", [0, 1]), ("1-3,2-4", [0, 1, 2, 3]),
-    ("7,1-2", [6, 0, 1]), ("5-99", [4, 5, 6]), (" 2 , 4 ", [1, 3]), ("3,3,3", [2]), (None, list(range(7))),
-    ("", list(range(7))),
-])
+@pytest.mark.parametrize(
+    ("spec", "indices"),
+    [
+        ("1-3,7", [0, 1, 2, 6]),
+        ("2", [1]),
+        ("3-", [2, 3, 4, 5, 6]),
+        ("-2", [0, 1]),
+        ("1-3,2-4", [0, 1, 2, 3]),
+        ("7,1-2", [6, 0, 1]),
+        ("5-99", [4, 5, 6]),
+        (" 2 , 4 ", [1, 3]),
+        ("3,3,3", [2]),
+        (None, list(range(7))),
+        ("", list(range(7))),
+    ],
+)
 def test_render_page_ranges(seven_pages, spec, indices):
     pages = list(pdf.render_pages(seven_pages, pages=spec))
     assert [i for i, _ in pages] == indices
@@ -129,11 +140,24 @@ def test_render_page_ranges(seven_pages, spec, indices):
         assert np.abs(centre - COLOURS[index]).max() < 6
 
 
-@pytest.mark.parametrize(("spec", "match"), [
-    ("8", "past the end"), ("9-12", "past the end"), ("0", "below 1"), ("3-1", "empty"), ("-0", "empty"),
-    ("a", "not like"), ("1-b", "not like"), ("1,,2", "not like"), ("1.5", "not like"), ("1-3,", "not like"),
-    ("1--3", "empty"), ("1-2-3", "not like"), (" ", "not like"),
-])
+@pytest.mark.parametrize(
+    ("spec", "match"),
+    [
+        ("8", "past the end"),
+        ("9-12", "past the end"),
+        ("0", "below 1"),
+        ("3-1", "empty"),
+        ("-0", "empty"),
+        ("a", "not like"),
+        ("1-b", "not like"),
+        ("1,,2", "not like"),
+        ("1.5", "not like"),
+        ("1-3,", "not like"),
+        ("1--3", "empty"),
+        ("1-2-3", "not like"),
+        (" ", "not like"),
+    ],
+)
 def test_bad_page_ranges(seven_pages, spec, match):
     with pytest.raises(ValueError, match=match):
         pdf.parse_pages(spec, 7)
@@ -182,8 +206,13 @@ def test_empty_pdf_after_encrypted_is_not_called_encrypted(tmp_path):
 
 def test_corrupt_files(tmp_path, seven_pages):
     data = seven_pages.read_bytes()
-    cases = {"random.pdf": np.random.default_rng(0).bytes(4000), "zero.pdf": b"",
-             "header-only.pdf": b"%PDF-1.7\n", "half.pdf": data[: len(data) // 2], "text.pdf": b"hello world\n" * 50}
+    cases = {
+        "random.pdf": np.random.default_rng(0).bytes(4000),
+        "zero.pdf": b"",
+        "header-only.pdf": b"%PDF-1.7\n",
+        "half.pdf": data[: len(data) // 2],
+        "text.pdf": b"hello world\n" * 50,
+    }
     for name, content in cases.items():
         path = tmp_path / name
         path.write_bytes(content)
@@ -260,8 +289,11 @@ def test_is_pdf(tmp_path, seven_pages):
 
 
 def test_save_images_as_pdf_round_trip(tmp_path):
-    images = [Image.new("RGB", (300, 200), (200, 20, 20)), Image.new("RGBA", (120, 240), (20, 20, 200, 255)),
-              Image.new("L", (64, 64), 90)]
+    images = [
+        Image.new("RGB", (300, 200), (200, 20, 20)),
+        Image.new("RGBA", (120, 240), (20, 20, 200, 255)),
+        Image.new("L", (64, 64), 90),
+    ]
     path = tmp_path / "layouts.pdf"
     pdf.save_images_as_pdf(images, path)
     assert path.read_bytes().startswith(b"%PDF-") and pdf.is_pdf(path)

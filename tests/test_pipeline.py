@@ -13,9 +13,11 @@ from dsocr_mlx.random_checkpoint import tiny_args
 from dsocr_mlx.sampling import PDF_NGRAM, SamplingParams
 from dsocr_mlx.tokenizer import Tokenizer
 
-GROUNDED = ("<|ref|>title<|/ref|><|det|>[[10, 20, 500, 100]]<|/det|>\n# Quarterly report\n\n"
-            "<|ref|>image<|/ref|><|det|>[[100, 200, 600, 800]]<|/det|>\n"
-            "<|ref|>text<|/ref|><|det|>[[50, 850, 950, 990]]<|/det|>\nRevenue grew by 12 %.")
+GROUNDED = (
+    "<|ref|>title<|/ref|><|det|>[[10, 20, 500, 100]]<|/det|>\n# Quarterly report\n\n"
+    "<|ref|>image<|/ref|><|det|>[[100, 200, 600, 800]]<|/det|>\n"
+    "<|ref|>text<|/ref|><|det|>[[50, 850, 950, 990]]<|/det|>\nRevenue grew by 12 %."
+)
 
 
 class ScriptedRuntime:
@@ -63,8 +65,11 @@ def test_tasks_build_the_official_prompts():
     assert build_prompt(task="describe") == "<image>\nDescribe this image in detail."
     assert build_prompt(task="locate", ref="the total") == "<image>\nLocate <|ref|>the total<|/ref|> in the image."
     assert build_prompt("<image>\nWhat is written?") == "<image>\nWhat is written?"
-    for bad, match in ((dict(task="locate"), "needs the text"), (dict(task="poem"), "unknown task"),
-                       (dict(prompt="x", task="free"), "either a prompt or a task")):
+    for bad, match in (
+        (dict(task="locate"), "needs the text"),
+        (dict(task="poem"), "unknown task"),
+        (dict(prompt="x", task="free"), "either a prompt or a task"),
+    ):
         with pytest.raises(ValueError, match=match):
             build_prompt(**bad)
 
@@ -87,7 +92,10 @@ def test_grounded_output_becomes_blocks_markdown_and_artefacts(tokenizer, tmp_pa
     assert result.raw_text == GROUNDED
     assert result.text == "\n# Quarterly report\n\n![](images/0.jpg)\n\n\nRevenue grew by 12 %."
     assert [(b.label, b.box_px) for b in result.blocks] == [
-        ("title", (10, 40, 500, 200)), ("image", (100, 400, 600, 1601)), ("text", (50, 1701, 950, 1981))]
+        ("title", (10, 40, 500, 200)),
+        ("image", (100, 400, 600, 1601)),
+        ("text", (50, 1701, 950, 1981)),
+    ]
     assert result.blocks[0].text == "# Quarterly report"
     assert result.usage["image_tokens"] == 73 and result.usage["completion_tokens"] == len(result.token_ids)
 
@@ -119,8 +127,9 @@ def test_a_loop_stops_early_and_is_retried_once_with_stronger_settings(tokenizer
     assert second.repetition_penalty > 1.0
 
     model, runtime = scripted(tokenizer, loop)
-    stream = list(model.stream_ocr(Image.new("RGB", (300, 300)), mode="tiny", max_new_tokens=4000,
-                                   retry_on_repetition=False))
+    stream = list(
+        model.stream_ocr(Image.new("RGB", (300, 300)), mode="tiny", max_new_tokens=4000, retry_on_repetition=False)
+    )
     assert stream[-1].finish_reason == "repetition" and len(stream) < 600  # stopped long before the limit
     assert stream[-1].result.finish_reason == "repetition" and not stream[-1].result.retried
     assert len(runtime.calls) == 1
@@ -144,8 +153,16 @@ def test_streamed_retry_announces_a_restart(tokenizer):
 
 def test_sampling_settings_reach_the_backend(tokenizer):
     model, runtime = scripted(tokenizer, [5, 6, 1])
-    model.ocr(Image.new("RGB", (64, 64)), mode="tiny", temperature=0.5, top_p=0.9, top_k=40, seed=3,
-              repetition_penalty=1.1, no_repeat_ngram_size=0)
+    model.ocr(
+        Image.new("RGB", (64, 64)),
+        mode="tiny",
+        temperature=0.5,
+        top_p=0.9,
+        top_k=40,
+        seed=3,
+        repetition_penalty=1.1,
+        no_repeat_ngram_size=0,
+    )
     params = runtime.calls[0]
     assert (params.temperature, params.top_p, params.top_k, params.seed) == (0.5, 0.9, 40, 3)
     assert params.repetition_penalty == 1.1 and params.no_repeat_ngram_size == 0

@@ -153,8 +153,10 @@ def test_token_count_non_crop(tokenizer, mode, n):
 )
 def test_token_count_crop(grid, expected):
     wc, hc = grid
-    assert image_token_count(grid, MODES["gundam"]) == expected == (16 + 1) * 16 + 1 + (
-        ((10 * wc + 1) * 10 * hc) if grid != (1, 1) else 0
+    assert (
+        image_token_count(grid, MODES["gundam"])
+        == expected
+        == (16 + 1) * 16 + 1 + (((10 * wc + 1) * 10 * hc) if grid != (1, 1) else 0)
     )
 
 
@@ -168,7 +170,10 @@ def test_token_count_crop_formula_every_grid():
 def _official_grid(width: int, height: int, image_size: int = 640, min_num: int = 2, max_num: int = 9):
     """The official dynamic_preprocess / find_closest_aspect_ratio choice, copied verbatim in logic."""
     target_ratios = set(
-        (i, j) for n in range(min_num, max_num + 1) for i in range(1, n + 1) for j in range(1, n + 1)
+        (i, j)
+        for n in range(min_num, max_num + 1)
+        for i in range(1, n + 1)
+        for j in range(1, n + 1)
         if min_num <= i * j <= max_num
     )
     target_ratios = sorted(target_ratios, key=lambda x: x[0] * x[1])
@@ -186,14 +191,16 @@ def _official_grid(width: int, height: int, image_size: int = 640, min_num: int 
 
 @pytest.mark.parametrize(
     "size, grid",
-    [((1400, 1400), (3, 3)),  # tie 2x2 vs 3x3 goes to 3x3: 1400^2 > 0.5 * 640^2 * 9
-     ((1300, 1300), (2, 2)),  # ... but not with fewer pixels
-     ((1000, 1000), (2, 2)),
-     ((1300, 1000), (3, 2)),
-     ((700, 1800), (1, 3)),
-     ((1500, 500), (3, 1)),
-     ((641, 100), (6, 1)),
-     ((5000, 100), (9, 1))],
+    [
+        ((1400, 1400), (3, 3)),  # tie 2x2 vs 3x3 goes to 3x3: 1400^2 > 0.5 * 640^2 * 9
+        ((1300, 1300), (2, 2)),  # ... but not with fewer pixels
+        ((1000, 1000), (2, 2)),
+        ((1300, 1000), (3, 2)),
+        ((700, 1800), (1, 3)),
+        ((1500, 500), (3, 1)),
+        ((641, 100), (6, 1)),
+        ((5000, 100), (9, 1)),
+    ],
 )
 def test_tile_grid_examples(size, grid):
     assert tile_grid(*size) == grid == _official_grid(*size)
@@ -288,8 +295,9 @@ def test_pixels_are_bf16_rounded(tokenizer):
 def test_round_to_bfloat16_ties_to_even():
     bits = np.array([0x3F808000, 0x3F818000, 0x3F808001, 0x3F807FFF, 0xBF808000, 0x3F800000], np.uint32)
     out = round_to_bfloat16(bits.view(np.float32)).view(np.uint32)
-    assert [hex(b) for b in out] == [hex(b) for b in [0x3F800000, 0x3F820000, 0x3F810000, 0x3F800000,
-                                                      0xBF800000, 0x3F800000]]
+    assert [hex(b) for b in out] == [
+        hex(b) for b in [0x3F800000, 0x3F820000, 0x3F810000, 0x3F800000, 0xBF800000, 0x3F800000]
+    ]
     assert round_to_bfloat16(np.array([0.99215686], np.float32))[0] == np.float32(0.9921875)
 
 
@@ -299,8 +307,7 @@ def test_round_to_bfloat16_ties_to_even():
 
 @pytest.mark.parametrize(
     "prompt, n_images",
-    [("<image>\nFree OCR.", 0), ("<image>\nFree OCR.", 2), ("Free OCR.", 1),
-     ("<image><image>\nFree OCR.", 1)],
+    [("<image>\nFree OCR.", 0), ("<image>\nFree OCR.", 2), ("Free OCR.", 1), ("<image><image>\nFree OCR.", 1)],
 )
 def test_placeholder_count_mismatch(tokenizer, prompt, n_images):
     images = [np.zeros((8, 8, 3), np.uint8)] * n_images
@@ -431,8 +438,13 @@ def test_load_image_truncated_png(tmp_path):
 
 @pytest.mark.parametrize(
     "arr",
-    [np.zeros((10, 10, 3), np.float32), np.zeros((10, 10, 3), np.uint16), np.zeros((10, 10, 2), np.uint8),
-     np.zeros((10,), np.uint8), np.zeros((2, 10, 10, 3), np.uint8)],
+    [
+        np.zeros((10, 10, 3), np.float32),
+        np.zeros((10, 10, 3), np.uint16),
+        np.zeros((10, 10, 2), np.uint8),
+        np.zeros((10,), np.uint8),
+        np.zeros((2, 10, 10, 3), np.uint8),
+    ],
     ids=["float32", "uint16", "2-channels", "1d", "4d"],
 )
 def test_load_image_bad_arrays(arr):

@@ -37,16 +37,17 @@ from dsocr_mlx.backends.mlx.generate import (  # noqa: E402 - after the importor
 # --------------------------------------------------------------------------------------------------------------
 
 
-def official_banned(input_ids: list[int], ngram_size: int, window_size: int,
-                    whitelist_token_ids=NGRAM_WHITELIST) -> set[int]:
+def official_banned(
+    input_ids: list[int], ngram_size: int, window_size: int, whitelist_token_ids=NGRAM_WHITELIST
+) -> set[int]:
     if len(input_ids) < ngram_size:
         return set()
-    current_prefix = tuple(input_ids[-(ngram_size - 1):])
+    current_prefix = tuple(input_ids[-(ngram_size - 1) :])
     search_start = max(0, len(input_ids) - window_size)
     search_end = len(input_ids) - ngram_size + 1
     banned_tokens = set()
     for i in range(search_start, search_end):
-        ngram = tuple(input_ids[i:i + ngram_size])
+        ngram = tuple(input_ids[i : i + ngram_size])
         if ngram[:-1] == current_prefix:
             banned_tokens.add(ngram[-1])
     return banned_tokens - set(whitelist_token_ids)
@@ -77,24 +78,31 @@ def test_ban_matches_official_processor(tokens, n, window):
 
 
 @settings(max_examples=200, deadline=None)
-@given(tokens=st.lists(st.integers(0, 3), max_size=80), n=st.integers(2, 6), window=st.integers(1, 20),
-       whitelist=st.frozensets(st.integers(0, 3), max_size=2))
+@given(
+    tokens=st.lists(st.integers(0, 3), max_size=80),
+    n=st.integers(2, 6),
+    window=st.integers(1, 20),
+    whitelist=st.frozensets(st.integers(0, 3), max_size=2),
+)
 def test_ban_matches_official_with_custom_whitelist(tokens, n, window, whitelist):
     assert banned_ngram_tokens(tokens, n, window, whitelist) == official_banned(tokens, n, window, whitelist)
 
 
-@pytest.mark.parametrize(("tokens", "n", "window", "expected"), [
-    ([1, 2, 3, 1, 2], 3, 90, {3}),  # "1 2" was followed by 3
-    ([1, 2, 3, 1, 2, 4, 1, 2], 3, 90, {3, 4}),  # both continuations of "1 2"
-    ([1, 2, 3, 9, 9, 9, 9, 1, 2], 3, 4, set()),  # the first "1 2 3" starts outside the window
-    ([1, 2, 3, 9, 9, 9, 1, 2], 3, 8, {3}),  # ... and inside it
-    ([1, TD_OPEN, 1], 2, 90, set()),  # <td> is whitelisted
-    ([5, TD_CLOSE, 6, 5], 2, 90, set()),  # </td> too
-    ([1, 2], 3, 90, set()),  # shorter than n
-    ([], 2, 10, set()),
-    ([7, 7, 7], 2, 1, set()),  # window == n - 1: no n-gram fits
-    ([7, 7, 7], 2, 2, {7}),
-])
+@pytest.mark.parametrize(
+    ("tokens", "n", "window", "expected"),
+    [
+        ([1, 2, 3, 1, 2], 3, 90, {3}),  # "1 2" was followed by 3
+        ([1, 2, 3, 1, 2, 4, 1, 2], 3, 90, {3, 4}),  # both continuations of "1 2"
+        ([1, 2, 3, 9, 9, 9, 9, 1, 2], 3, 4, set()),  # the first "1 2 3" starts outside the window
+        ([1, 2, 3, 9, 9, 9, 1, 2], 3, 8, {3}),  # ... and inside it
+        ([1, TD_OPEN, 1], 2, 90, set()),  # <td> is whitelisted
+        ([5, TD_CLOSE, 6, 5], 2, 90, set()),  # </td> too
+        ([1, 2], 3, 90, set()),  # shorter than n
+        ([], 2, 10, set()),
+        ([7, 7, 7], 2, 1, set()),  # window == n - 1: no n-gram fits
+        ([7, 7, 7], 2, 2, {7}),
+    ],
+)
 def test_ban_crafted(tokens, n, window, expected):
     assert official_banned(tokens, n, window) == expected  # the transcription itself
     assert banned_ngram_tokens(tokens, n, window) == expected
@@ -157,21 +165,25 @@ def library_greedy(steps: int, params: SamplingParams) -> list[int]:
         for processor in processors:
             logits = processor(tokens, logits)
         tokens.append(int(sampler(logits).item()))
-    return tokens[len(PROMPT):]
+    return tokens[len(PROMPT) :]
 
 
-@pytest.mark.parametrize(("n", "window", "penalty", "whitelist"), [
-    (2, 20, 1.0, NGRAM_WHITELIST),
-    (3, 10, 1.0, NGRAM_WHITELIST),
-    (4, 60, 1.0, frozenset()),
-    (3, 15, 1.3, NGRAM_WHITELIST),
-    (0, 1, 10.0, NGRAM_WHITELIST),
-    PDF_NGRAM + (1.0, NGRAM_WHITELIST),
-])
+@pytest.mark.parametrize(
+    ("n", "window", "penalty", "whitelist"),
+    [
+        (2, 20, 1.0, NGRAM_WHITELIST),
+        (3, 10, 1.0, NGRAM_WHITELIST),
+        (4, 60, 1.0, frozenset()),
+        (3, 15, 1.3, NGRAM_WHITELIST),
+        (0, 1, 10.0, NGRAM_WHITELIST),
+        PDF_NGRAM + (1.0, NGRAM_WHITELIST),
+    ],
+)
 def test_greedy_with_processors_matches_naive_loop(n, window, penalty, whitelist):
     steps = 150
-    params = SamplingParams(no_repeat_ngram_size=n, ngram_window=window, repetition_penalty=penalty,
-                            ngram_whitelist=whitelist)
+    params = SamplingParams(
+        no_repeat_ngram_size=n, ngram_window=window, repetition_penalty=penalty, ngram_whitelist=whitelist
+    )
     expected = naive_greedy(steps, n, window, penalty, whitelist)
     assert library_greedy(steps, params) == expected
     plain = naive_greedy(steps, 0, 1, 1.0, whitelist)
@@ -214,10 +226,13 @@ def _run(tiny_model, tiny_prompt, params: SamplingParams | None) -> list[int]:
     _, prompt, embeds = tiny_prompt
     kwargs = {}
     if params is not None:
-        kwargs = dict(sampler=make_sampler(params.temperature),
-                      logits_processors=make_logits_processors(params, len(prompt)))
-    return [t for t, _ in generate_step(prompt, tiny_model.runtime.model, input_embeddings=embeds,
-                                        max_tokens=STEPS, **kwargs)]
+        kwargs = dict(
+            sampler=make_sampler(params.temperature), logits_processors=make_logits_processors(params, len(prompt))
+        )
+    return [
+        t
+        for t, _ in generate_step(prompt, tiny_model.runtime.model, input_embeddings=embeds, max_tokens=STEPS, **kwargs)
+    ]
 
 
 def _naive_reference(model, embeds, n: int, window: int) -> list[int]:
@@ -255,8 +270,13 @@ def test_tiny_model_generation_respects_ban(tiny_model, tiny_prompt, n, window):
     params = SamplingParams(no_repeat_ngram_size=n, ngram_window=window)
     assert list(runtime.generate(inputs, runtime.image_embeddings(inputs), STEPS, params)) == banned
     # The yielded logits are those after the processors: -inf exactly where the official rule bans.
-    steps = generate_step(prompt, runtime.model, input_embeddings=embeds, max_tokens=12,
-                          logits_processors=make_logits_processors(params, len(prompt)))
+    steps = generate_step(
+        prompt,
+        runtime.model,
+        input_embeddings=embeds,
+        max_tokens=12,
+        logits_processors=make_logits_processors(params, len(prompt)),
+    )
     for k, (token, logits) in enumerate(steps):
         scores = np.array(logits[0])
         assert set(np.flatnonzero(np.isneginf(scores)).tolist()) == official_banned(banned[:k], n, window)
@@ -353,17 +373,20 @@ def test_repetition_penalty_on_generated_tokens_only():
     np.testing.assert_array_equal(np.array(penalty([0, 1, 2], mx.array(logits))), logits)  # prompt only
 
 
-@pytest.mark.parametrize(("kwargs", "match"), [
-    (dict(temperature=-0.1), "temperature"),
-    (dict(top_p=0.0), "top_p"),
-    (dict(top_p=1.5), "top_p"),
-    (dict(top_p=-0.2), "top_p"),
-    (dict(top_k=-1), "top_k"),
-    (dict(repetition_penalty=0.0), "repetition_penalty"),
-    (dict(repetition_penalty=-1.0), "repetition_penalty"),
-    (dict(no_repeat_ngram_size=-1), "no_repeat_ngram_size"),
-    (dict(no_repeat_ngram_size=3, ngram_window=0), "ngram_window"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(temperature=-0.1), "temperature"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(top_p=-0.2), "top_p"),
+        (dict(top_k=-1), "top_k"),
+        (dict(repetition_penalty=0.0), "repetition_penalty"),
+        (dict(repetition_penalty=-1.0), "repetition_penalty"),
+        (dict(no_repeat_ngram_size=-1), "no_repeat_ngram_size"),
+        (dict(no_repeat_ngram_size=3, ngram_window=0), "ngram_window"),
+    ],
+)
 def test_sampling_params_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SamplingParams(**kwargs)
@@ -403,8 +426,9 @@ def feed(tokens: list[int], detector: LoopDetector) -> tuple[int, Repetition] | 
 PREFIX_TEXT = "Some text before the loop starts:"
 
 
-@pytest.mark.parametrize(("unit_text", "period", "repeats"),
-                         [(" hello", 1, 300), (" one two three four five six seven", 7, 60)])
+@pytest.mark.parametrize(
+    ("unit_text", "period", "repeats"), [(" hello", 1, 300), (" one two three four five six seven", 7, 60)]
+)
 def test_loop_detector_triggers_on_short_loops(tokenizer, unit_text, period, repeats):
     prefix, unit = tokenizer.encode(PREFIX_TEXT), tokenizer.encode(unit_text)
     assert len(unit) == period
@@ -419,16 +443,39 @@ def test_loop_detector_triggers_on_short_loops(tokenizer, unit_text, period, rep
 
 def _varied_text(tokenizer, min_tokens: int) -> list[int]:
     rng = np.random.default_rng(5)
-    subjects = ["the committee", "a reviewer", "the river", "our team", "the old bridge", "each student",
-                "the report", "a small village", "the engine", "my neighbour"]
+    subjects = [
+        "the committee",
+        "a reviewer",
+        "the river",
+        "our team",
+        "the old bridge",
+        "each student",
+        "the report",
+        "a small village",
+        "the engine",
+        "my neighbour",
+    ]
     verbs = ["describes", "crosses", "measures", "reveals", "supports", "questions", "follows", "improves"]
-    objects = ["the budget", "a narrow valley", "the final results", "several open problems", "an early draft",
-               "the northern border", "the main argument", "a quiet street"]
+    objects = [
+        "the budget",
+        "a narrow valley",
+        "the final results",
+        "several open problems",
+        "an early draft",
+        "the northern border",
+        "the main argument",
+        "a quiet street",
+    ]
     tails = ["in spring", "after the storm", "before noon", "with great care", "for the third time", ""]
     sentences: list[str] = []
     while True:
-        parts = [f"{len(sentences) + 1}.", rng.choice(subjects).capitalize(), rng.choice(verbs),
-                 rng.choice(objects), rng.choice(tails)]
+        parts = [
+            f"{len(sentences) + 1}.",
+            rng.choice(subjects).capitalize(),
+            rng.choice(verbs),
+            rng.choice(objects),
+            rng.choice(tails),
+        ]
         sentences.append(" ".join(p for p in parts if p) + ".")
         if len(sentences) % 20 == 0:
             tokens = tokenizer.encode(" ".join(sentences))
@@ -468,8 +515,11 @@ EMPTY_MARKDOWN = "| | | |\n|---|---|---|\n" + "|  |  |  |\n" * 200
 RULES_ONLY = "|---|:---:|---|\n" * 200
 
 
-@pytest.mark.parametrize("text", [_html_table(200), EMPTY_HTML, _markdown_table(200), EMPTY_MARKDOWN, RULES_ONLY],
-                         ids=["html", "empty-html", "markdown", "empty-markdown", "rules"])
+@pytest.mark.parametrize(
+    "text",
+    [_html_table(200), EMPTY_HTML, _markdown_table(200), EMPTY_MARKDOWN, RULES_ONLY],
+    ids=["html", "empty-html", "markdown", "empty-markdown", "rules"],
+)
 def test_loop_detector_ignores_tables(tokenizer, text):
     tokens = tokenizer.encode(text)
     assert len(tokens) > 1000

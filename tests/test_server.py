@@ -58,8 +58,10 @@ def image_message(data: bytes, text: str | None = None, images: int = 1) -> list
 
 def huge_png_header(width: int = 100_000, height: int = 100_000) -> bytes:
     """A PNG whose header declares ``width`` x ``height`` (a decompression bomb's calling card)."""
+
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
@@ -86,13 +88,15 @@ class SlowModel:
 
 
 @contextlib.contextmanager
-def running_server(ckpt: Path, extra_models: dict | None = None, loader=None, backend: str = "mlx",
-                   ocr: dict | None = None, **server):
+def running_server(
+    ckpt: Path, extra_models: dict | None = None, loader=None, backend: str = "mlx", ocr: dict | None = None, **server
+):
     settings = Settings()
     settings.model.update(path=str(ckpt), dtype="float32", backend=backend)
     settings.ocr = settings.ocr.merged(**{"mode": "tiny", "max_new_tokens": TOKENS, **(ocr or {})})
-    settings.server.update({"api_key": KEY, "max_body_mb": 1, "max_tokens_cap": 64, "models": extra_models or {},
-                               **server})
+    settings.server.update(
+        {"api_key": KEY, "max_body_mb": 1, "max_tokens_cap": 64, "models": extra_models or {}, **server}
+    )
     app = create_app(settings, loader=loader)
     port = free_port()
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False))
@@ -116,8 +120,15 @@ def running_server(ckpt: Path, extra_models: dict | None = None, loader=None, ba
         thread.join(30)
 
 
-def request(base: str, path: str, body: bytes | dict | None = None, key: str | None = KEY,
-            headers: dict | None = None, method: str | None = None, timeout: float = 60):
+def request(
+    base: str,
+    path: str,
+    body: bytes | dict | None = None,
+    key: str | None = KEY,
+    headers: dict | None = None,
+    method: str | None = None,
+    timeout: float = 60,
+):
     """Plain HTTP: (status, headers, parsed JSON or text)."""
     data = json.dumps(body).encode() if isinstance(body, dict) else body
     req = urllib.request.Request(base + path, data=data, method=method or ("POST" if data is not None else "GET"))
@@ -142,8 +153,14 @@ def multipart(fields: dict, file: tuple[str, bytes]) -> tuple[bytes, str]:
     out = b""
     for name, value in fields.items():
         out += f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
-    out += (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{file[0]}"\r\n'
-            "Content-Type: application/octet-stream\r\n\r\n").encode() + file[1] + f"\r\n--{boundary}--\r\n".encode()
+    out += (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{file[0]}"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n"
+        ).encode()
+        + file[1]
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
     return out, f"multipart/form-data; boundary={boundary}"
 
 
@@ -181,8 +198,13 @@ def test_health_and_models(base, client):
     status, _, body = request(base, "/health", key=None)  # health needs no key
     assert status == 200 and body["status"] == "ready"
     assert [m.id for m in client.models.list().data] == ["tiny", "tiny2", "broken"]
-    status, headers, _ = request(base, "/v1/models", None, method="OPTIONS", headers={
-        "Origin": "http://app.test", "Access-Control-Request-Method": "GET"})
+    status, headers, _ = request(
+        base,
+        "/v1/models",
+        None,
+        method="OPTIONS",
+        headers={"Origin": "http://app.test", "Access-Control-Request-Method": "GET"},
+    )
     assert "access-control-allow-origin" not in headers  # CORS is off unless configured
 
 
@@ -196,8 +218,13 @@ def test_chat_matches_the_library(client, tiny_model, caplog):
     assert r.usage.prompt_tokens == want.prompt_tokens and r.usage.completion_tokens == TOKENS
     assert r.usage.prompt_tokens_details.image_tokens == want.image_tokens > 0
 
-    stream = client.chat.completions.create(model="tiny", messages=image_message(data), max_tokens=TOKENS,
-                                            stream=True, stream_options={"include_usage": True})
+    stream = client.chat.completions.create(
+        model="tiny",
+        messages=image_message(data),
+        max_tokens=TOKENS,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want.text
@@ -217,8 +244,9 @@ def test_the_torch_backend_serves_the_same_api(tiny_ckpt):
         client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=60)
         r = client.chat.completions.create(model="tiny", messages=image_message(data), max_tokens=TOKENS)
         assert r.choices[0].message.content == want.text and r.usage.completion_tokens == TOKENS
-        stream = client.chat.completions.create(model="tiny", messages=image_message(data), max_tokens=TOKENS,
-                                                stream=True)
+        stream = client.chat.completions.create(
+            model="tiny", messages=image_message(data), max_tokens=TOKENS, stream=True
+        )
         assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == want.text
 
 
@@ -232,21 +260,27 @@ def test_chat_stream_wire_format_and_extensions(base, client, tiny_model):
     assert all(json.loads(e[6:])["object"] == "chat.completion.chunk" for e in events[:-1])
 
     want = expected(tiny_model, data, 16, task="free")
-    raw = client.chat.completions.create(model="tiny", messages=image_message(data), max_tokens=16,
-                                         extra_body={"task": "free", "output": "raw"})
+    raw = client.chat.completions.create(
+        model="tiny", messages=image_message(data), max_tokens=16, extra_body={"task": "free", "output": "raw"}
+    )
     assert raw.choices[0].message.content == want.raw_text
-    as_json = client.chat.completions.create(model="tiny", messages=image_message(data), max_tokens=16,
-                                             extra_body={"task": "free", "output": "json"})
+    as_json = client.chat.completions.create(
+        model="tiny", messages=image_message(data), max_tokens=16, extra_body={"task": "free", "output": "json"}
+    )
     assert json.loads(as_json.choices[0].message.content) == {"text": want.text, "blocks": []}
     # A stop string ends the text just before it, with finish reason "stop".
-    stop = want.text[len(want.text) // 2:][:3]
-    cut = client.chat.completions.create(model="tiny", messages=image_message(data), max_tokens=16, stop=[stop],
-                                         extra_body={"task": "free"})
+    stop = want.text[len(want.text) // 2 :][:3]
+    cut = client.chat.completions.create(
+        model="tiny", messages=image_message(data), max_tokens=16, stop=[stop], extra_body={"task": "free"}
+    )
     assert cut.choices[0].finish_reason == "stop"
     assert cut.choices[0].message.content == want.text[: want.text.index(stop)].strip()
     # Multi-turn input keeps the last user turn; a text prompt gets the image placeholder.
-    turns = [{"role": "user", "content": "old question"}, {"role": "assistant", "content": "old answer"},
-             *image_message(data, "Free OCR.")]
+    turns = [
+        {"role": "user", "content": "old question"},
+        {"role": "assistant", "content": "old answer"},
+        *image_message(data, "Free OCR."),
+    ]
     again = client.chat.completions.create(model="tiny", messages=turns, max_tokens=16)
     assert again.choices[0].message.content == want.text
 
@@ -257,10 +291,18 @@ def test_responses_string_image_and_pdf(client, tiny_model, tmp_path):
     assert r.output_text == text_only.text and r.usage.output_tokens == TOKENS
     events = list(client.responses.create(model="tiny", input="hello", max_output_tokens=TOKENS, stream=True))
     kinds = [e.type for e in events]
-    assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added",
-                         "response.content_part.added"]
-    assert kinds[-4:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done",
-                          "response.completed"]
+    assert kinds[:4] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+    ]
+    assert kinds[-4:] == [
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
     assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == text_only.text
     assert events[-1].response.output_text == text_only.text
 
@@ -274,12 +316,16 @@ def test_responses_string_image_and_pdf(client, tiny_model, tmp_path):
     path = tmp_path / "two.pdf"
     pages[0].save(path, "PDF", save_all=True, append_images=pages[1:])
     want = join_pages(tiny_model.ocr_many([path], mode="tiny", max_new_tokens=4, retry_on_repetition=False))
-    file_part = [{"type": "input_file", "filename": "two.pdf", "file_data": data_url(path.read_bytes(),
-                                                                                      "application/pdf")}]
+    file_part = [
+        {"type": "input_file", "filename": "two.pdf", "file_data": data_url(path.read_bytes(), "application/pdf")}
+    ]
     r = client.responses.create(model="tiny", input=[{"role": "user", "content": file_part}], max_output_tokens=4)
     assert r.output_text == want and want.count("<--- Page Split --->") == 2
-    events = list(client.responses.create(model="tiny", input=[{"role": "user", "content": file_part}],
-                                          max_output_tokens=4, stream=True))
+    events = list(
+        client.responses.create(
+            model="tiny", input=[{"role": "user", "content": file_part}], max_output_tokens=4, stream=True
+        )
+    )
     deltas = [e.delta for e in events if e.type == "response.output_text.delta"]
     assert "".join(deltas) == want and sum("Page Split" in d for d in deltas) == 2
     assert events[-1].response.usage.output_tokens == 8
@@ -298,16 +344,44 @@ def test_ocr_upload(base, tiny_model):
     assert_error(status, error, 400)
 
 
-@pytest.mark.parametrize("case", [
-    "invalid_base64", "not_an_image", "truncated_png", "huge_dimensions", "wrong_model", "no_image", "too_many_images",
-    "oversize_body", "bad_key", "no_key", "bad_json", "local_path", "remote_disabled", "bad_temperature", "no_route",
-])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "invalid_base64",
+        "not_an_image",
+        "truncated_png",
+        "huge_dimensions",
+        "wrong_model",
+        "no_image",
+        "too_many_images",
+        "oversize_body",
+        "bad_key",
+        "no_key",
+        "bad_json",
+        "local_path",
+        "remote_disabled",
+        "bad_temperature",
+        "no_route",
+    ],
+)
 def test_bad_inputs_get_openai_errors(base, case):
     image = png(7)
     msg = image_message(image)
     cases = {
-        "invalid_base64": (400, {"messages": [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": "data:image/png;base64,@@not-base64@@"}}]}]}, None),
+        "invalid_base64": (
+            400,
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "image_url", "image_url": {"url": "data:image/png;base64,@@not-base64@@"}}
+                        ],
+                    }
+                ]
+            },
+            None,
+        ),
         "not_an_image": (400, {"messages": image_message(b"just some text, not pixels")}, None),
         "truncated_png": (400, {"messages": image_message(image[: len(image) // 2])}, None),
         "huge_dimensions": (400, {"messages": image_message(huge_png_header())}, None),
@@ -318,10 +392,23 @@ def test_bad_inputs_get_openai_errors(base, case):
         "bad_key": (401, {"messages": msg}, "invalid_api_key"),
         "no_key": (401, {"messages": msg}, "invalid_api_key"),
         "bad_json": (400, b"{not json", None),
-        "local_path": (400, {"messages": [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": "/etc/passwd"}}]}]}, "invalid_image_url"),
-        "remote_disabled": (400, {"messages": [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}]}, "remote_images_disabled"),
+        "local_path": (
+            400,
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "/etc/passwd"}}]}]},
+            "invalid_image_url",
+        ),
+        "remote_disabled": (
+            400,
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [{"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}],
+                    }
+                ]
+            },
+            "remote_images_disabled",
+        ),
         "bad_temperature": (400, {"messages": msg, "temperature": 9}, None),
         "no_route": (404, None, "not_found"),
     }
@@ -347,8 +434,9 @@ def test_eight_concurrent_clients_get_their_own_answers(client, tiny_model):
     def ask(i: int) -> None:
         data, tokens = jobs[i]
         if i % 2:
-            stream = client.chat.completions.create(model="tiny", messages=image_message(data), max_tokens=tokens,
-                                                    stream=True)
+            stream = client.chat.completions.create(
+                model="tiny", messages=image_message(data), max_tokens=tokens, stream=True
+            )
             got[i] = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
         else:
             r = client.chat.completions.create(model="tiny", messages=image_message(data), max_tokens=tokens)
@@ -381,8 +469,14 @@ def test_model_switching(base, client, second_ckpt, tiny_model):
 
 
 def test_switching_disabled_limits_and_cors(tiny_ckpt, second_ckpt, tmp_path):
-    with running_server(tiny_ckpt, {"tiny2": str(second_ckpt)}, allow_model_switch=False, max_pdf_pages=1,
-                        max_tokens_cap=12, cors_origins=["http://app.test"]) as url:
+    with running_server(
+        tiny_ckpt,
+        {"tiny2": str(second_ckpt)},
+        allow_model_switch=False,
+        max_pdf_pages=1,
+        max_tokens_cap=12,
+        cors_origins=["http://app.test"],
+    ) as url:
         status, _, error = request(url, "/v1/chat/completions", {"model": "tiny2", "messages": image_message(png())})
         assert_error(status, error, 400, "model_switch_disabled")
         assert [m["id"] for m in request(url, "/v1/models")[2]["data"]] == ["tiny"]
@@ -394,16 +488,26 @@ def test_switching_disabled_limits_and_cors(tiny_ckpt, second_ckpt, tmp_path):
         status, _, error = request(url, "/v1/responses", {"input": [{"role": "user", "content": [pdf_part]}]})
         assert_error(status, error, 400)
         assert "more than the limit of 1" in error["error"]["message"] and "dsocr-" not in error["error"]["message"]
-        status, headers, _ = request(url, "/v1/chat/completions", None, key=None, method="OPTIONS", headers={
-            "Origin": "http://app.test", "Access-Control-Request-Method": "POST"})
+        status, headers, _ = request(
+            url,
+            "/v1/chat/completions",
+            None,
+            key=None,
+            method="OPTIONS",
+            headers={"Origin": "http://app.test", "Access-Control-Request-Method": "POST"},
+        )
         assert status == 200 and headers["access-control-allow-origin"] == "http://app.test"
 
 
 def open_stream(base: str, tokens: int) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
     conn = http.client.HTTPConnection(base.removeprefix("http://"), timeout=60)
     body = {"messages": image_message(png(9)), "max_tokens": tokens, "stream": True, "detect_loops": False}
-    conn.request("POST", "/v1/chat/completions", json.dumps(body),
-                 {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    conn.request(
+        "POST",
+        "/v1/chat/completions",
+        json.dumps(body),
+        {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
+    )
     return conn, conn.getresponse()
 
 
@@ -454,12 +558,20 @@ def test_request_timeout(tiny_ckpt):
 
 def test_remote_urls_resolving_to_private_addresses_are_refused(tiny_ckpt, monkeypatch):
     real = remote.resolve_host
-    monkeypatch.setattr(remote, "resolve_host",
-                        lambda host, port: ["192.168.1.20"] if host == "intranet.test" else real(host, port))
+    monkeypatch.setattr(
+        remote, "resolve_host", lambda host, port: ["192.168.1.20"] if host == "intranet.test" else real(host, port)
+    )
     with running_server(tiny_ckpt, allow_remote_images=True) as url:
-        for target in ["http://127.0.0.1:9/a.png", "http://localhost/a.png", "http://10.1.2.3/a.png",
-                       "http://169.254.169.254/latest/meta-data", "http://[::1]/a.png",
-                       "http://[::ffff:127.0.0.1]/a.png", "http://intranet.test/a.png", url + "/health"]:
+        for target in [
+            "http://127.0.0.1:9/a.png",
+            "http://localhost/a.png",
+            "http://10.1.2.3/a.png",
+            "http://169.254.169.254/latest/meta-data",
+            "http://[::1]/a.png",
+            "http://[::ffff:127.0.0.1]/a.png",
+            "http://intranet.test/a.png",
+            url + "/health",
+        ]:
             message = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": target}}]}]
             status, _, error = request(url, "/v1/chat/completions", {"messages": message})
             assert_error(status, error, 400)
@@ -506,12 +618,14 @@ def test_fetch_url_checks_every_hop_and_the_size():
 
 
 def test_text_stream_holds_back_what_may_change():
-    raw = "  <|ref|>title<|/ref|><|det|>[[1, 2, 3, 4]]<|/det|>\n# Head\n<|ref|>image<|/ref|><|det|>[[5, 6, 7, 8]]" \
-          "<|/det|>\nbody text END more  "
+    raw = (
+        "  <|ref|>title<|/ref|><|det|>[[1, 2, 3, 4]]<|/det|>\n# Head\n<|ref|>image<|/ref|><|det|>[[5, 6, 7, 8]]"
+        "<|/det|>\nbody text END more  "
+    )
     stream = TextStream("markdown", stop=["END"])
     out, cut = "", raw.index("END")
     for i in range(0, cut, 3):
-        piece = stream.feed(raw[:i + 3])  # the front end cuts the raw text at the stop string
+        piece = stream.feed(raw[: i + 3])  # the front end cuts the raw text at the stop string
         assert "<|" not in piece and "EN" not in piece
         out += piece
     out += stream.finish(final_text(raw[:cut].strip(), "markdown"))
@@ -526,9 +640,10 @@ def test_serve_command_builds_the_app_from_options_and_config(tiny_ckpt, tmp_pat
     calls = {}
     monkeypatch.setattr(uvicorn, "run", lambda asgi, **kwargs: calls.update(app=asgi, **kwargs))
     config = tmp_path / "config.toml"
-    config.write_text('[server]\nmax_queue = 3\nport = 9999\n')
-    result = CliRunner().invoke(app, ["serve", "--model", str(tiny_ckpt), "--api-key", "k", "--port", "8123",
-                                      "--config", str(config)])
+    config.write_text("[server]\nmax_queue = 3\nport = 9999\n")
+    result = CliRunner().invoke(
+        app, ["serve", "--model", str(tiny_ckpt), "--api-key", "k", "--port", "8123", "--config", str(config)]
+    )
     assert result.exit_code == 0, result.output
     assert calls["host"] == "127.0.0.1" and calls["port"] == 8123  # loopback by default; options beat the file
     assert calls["app"].state.worker.queue.maxsize == 3 and calls["app"].state.worker.default == "tiny"
@@ -563,14 +678,22 @@ def test_config_sampling_settings_change_what_a_chat_request_generates(tiny_ckpt
 
 def test_ocr_upload_honours_the_sampling_fields(base, tiny_model):
     data = png(31)
-    fields = {"task": "free", "mode": "tiny", "max_tokens": "10", "temperature": "2", "top_k": "8", "seed": "4",
-              "repetition_penalty": "1.3"}
+    fields = {
+        "task": "free",
+        "mode": "tiny",
+        "max_tokens": "10",
+        "temperature": "2",
+        "top_k": "8",
+        "seed": "4",
+        "repetition_penalty": "1.3",
+    }
     body, ctype = multipart(fields, ("scan.png", data))
     status, _, result = request(base, "/v1/ocr", body, headers={"Content-Type": ctype})
     assert status == 200, result
     image = Image.open(io.BytesIO(data))
-    want = tiny_model.ocr(image, task="free", mode="tiny", max_new_tokens=10, temperature=2.0, top_k=8, seed=4,
-                          repetition_penalty=1.3)
+    want = tiny_model.ocr(
+        image, task="free", mode="tiny", max_new_tokens=10, temperature=2.0, top_k=8, seed=4, repetition_penalty=1.3
+    )
     greedy = tiny_model.ocr(image, task="free", mode="tiny", max_new_tokens=10)
     assert want.token_ids != greedy.token_ids
     assert result["results"][0]["text"] == want.text

@@ -56,10 +56,12 @@ def test_vision_components_match(tiny_model, torch_model, inputs):
 
 
 def test_image_embeddings_and_prefill_logits_match(tiny_model, torch_model, inputs):
-    assert_close(torch_model.image_embeddings(inputs), tiny_model.image_embeddings(inputs), **BACKENDS,
-                 what="image embeddings")
-    assert_close(torch_model.prefill_logits(inputs), tiny_model.prefill_logits(inputs), **BACKENDS,
-                 what="prefill logits")
+    assert_close(
+        torch_model.image_embeddings(inputs), tiny_model.image_embeddings(inputs), **BACKENDS, what="image embeddings"
+    )
+    assert_close(
+        torch_model.prefill_logits(inputs), tiny_model.prefill_logits(inputs), **BACKENDS, what="prefill logits"
+    )
 
 
 def test_greedy_tokens_match_across_backends(tiny_model, torch_model, sample_image):
@@ -138,8 +140,9 @@ def decode_both_ways(model, embeds, tokens: list[int], **step_kwargs):
 def test_fixed_shape_decode_step_equals_the_dynamic_step(torch_model, inputs):
     runtime = torch_model.runtime
     embeds = runtime.input_embeddings(inputs, runtime.image_embeddings(inputs))
-    for n, (want, got, dynamic, fixed) in enumerate(decode_both_ways(runtime.model, embeds, [5, 900, 17, 17, 3],
-                                                                      capture=False)):
+    for n, (want, got, dynamic, fixed) in enumerate(
+        decode_both_ways(runtime.model, embeds, [5, 900, 17, 17, 3], capture=False)
+    ):
         assert_close(got.numpy(), want.numpy(), **CACHE, what=f"fixed-shape decode step {n}")
         assert fixed[0].offset == dynamic[0].offset == embeds.shape[1] + n + 1
     np.testing.assert_allclose(fixed[-1].keys.numpy(), dynamic[-1].keys.numpy(), rtol=1e-5, atol=1e-5)
@@ -151,8 +154,12 @@ def test_fixed_shape_decode_in_generate_gives_the_same_tokens(torch_model, input
     runtime = torch_model.runtime
     embeds = runtime.input_embeddings(inputs, runtime.image_embeddings(inputs))
     prompt = inputs.input_ids.tolist()
-    runs = {graph: [t for t, _ in generate_step(prompt, runtime.model, input_embeddings=embeds, max_tokens=12,
-                                               cuda_graph=graph)] for graph in (False, True)}
+    runs = {
+        graph: [
+            t for t, _ in generate_step(prompt, runtime.model, input_embeddings=embeds, max_tokens=12, cuda_graph=graph)
+        ]
+        for graph in (False, True)
+    }
     assert runs[True] == runs[False]
 
 
@@ -257,8 +264,12 @@ def test_cuda_graph_decode_matches_eager_on_cuda(tiny_ckpt, inputs):
     cuda = dsocr_mlx.load(str(tiny_ckpt), backend="torch", dtype="float32", device="cuda").runtime
     embeds = cuda.input_embeddings(inputs, cuda.image_embeddings(inputs))
     prompt = inputs.input_ids.tolist()
-    runs = {graph: [t for t, _ in generate_step(prompt, cuda.model, input_embeddings=embeds, max_tokens=16,
-                                               cuda_graph=graph)] for graph in (False, True)}
+    runs = {
+        graph: [
+            t for t, _ in generate_step(prompt, cuda.model, input_embeddings=embeds, max_tokens=16, cuda_graph=graph)
+        ]
+        for graph in (False, True)
+    }
     assert runs[True] == runs[False]
     for n, (want, got, _, _) in enumerate(decode_both_ways(cuda.model, embeds, [5, 900, 17], capture=True)):
         assert_close(got.cpu().numpy(), want.cpu().numpy(), **CACHE, what=f"CUDA graph decode step {n}")
@@ -288,8 +299,11 @@ def test_backend_errors_are_clear(tiny_ckpt, monkeypatch):
 
     with pytest.raises(ValueError, match="unknown backend 'jax'"):
         dsocr_mlx.load(str(tiny_ckpt), backend="jax")
-    monkeypatch.setitem(backends.BACKENDS, "torch", ("dsocr_mlx.backends.torch", "torch_missing_module",
-                                                     'pip install "dsocr-mlx[torch]"'))
+    monkeypatch.setitem(
+        backends.BACKENDS,
+        "torch",
+        ("dsocr_mlx.backends.torch", "torch_missing_module", 'pip install "dsocr-mlx[torch]"'),
+    )
     with pytest.raises(ImportError, match=r"dsocr-mlx\[torch\]"):
         dsocr_mlx.load(str(tiny_ckpt), backend="torch")
     assert backends.default_backend() in ("mlx", "torch")
@@ -309,11 +323,14 @@ def test_auto_dtype_and_device_resolve_per_host(tiny_ckpt):
     assert default_dtype(args, "cuda:1") == "bfloat16" and default_dtype(args, "cpu") == "float32"
 
 
-@pytest.mark.parametrize(("device", "message"), [
-    ("tpu", "unknown device 'tpu'"),
-    ("mps", "on Apple Silicon use the MLX backend"),
-    ("cuda:99", "sees no CUDA GPU" if not torch.cuda.is_available() else "CUDA device"),
-])
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [
+        ("tpu", "unknown device 'tpu'"),
+        ("mps", "on Apple Silicon use the MLX backend"),
+        ("cuda:99", "sees no CUDA GPU" if not torch.cuda.is_available() else "CUDA device"),
+    ],
+)
 def test_bad_devices_are_refused_clearly(tiny_ckpt, device, message):
     with pytest.raises(ValueError, match=message):
         dsocr_mlx.load(str(tiny_ckpt), backend="torch", device=device)

@@ -27,15 +27,19 @@ def time_once(model, processor, image, prompt, base_size, image_size, crop, toke
     extra = {"images_spatial_crop": inputs["images_spatial_crop"], "images_seq_mask": inputs["images_seq_mask"]}
     # Vision alone: the global view only, then every view, through the port's own embedding function.
     one_view = [mx.zeros((1, 3, base_size, base_size)), global_view]
-    mx.eval(model.get_input_embeddings(inputs["input_ids"], one_view, mx.ones_like(inputs["images_spatial_crop"]),
-                                       inputs["images_seq_mask"]).inputs_embeds)
+    mx.eval(
+        model.get_input_embeddings(
+            inputs["input_ids"], one_view, mx.ones_like(inputs["images_spatial_crop"]), inputs["images_seq_mask"]
+        ).inputs_embeds
+    )
     t2 = time.perf_counter()
     mx.eval(model.get_input_embeddings(inputs["input_ids"], inputs["images"], **extra).inputs_embeds)
     t3 = time.perf_counter()
     # End to end as a user runs it: generate_step embeds the images again, prefills, then decodes.
     start, first, count = time.perf_counter(), None, 0
-    for token, _ in generate_step(inputs["input_ids"], model, inputs["images"], None, max_tokens=tokens,
-                                  temperature=0.0, **extra):
+    for token, _ in generate_step(
+        inputs["input_ids"], model, inputs["images"], None, max_tokens=tokens, temperature=0.0, **extra
+    ):
         mx.eval(token)
         count += 1
         first = first or time.perf_counter()
@@ -74,8 +78,11 @@ def main() -> None:
     run = (model, processor, image, args.prompt, args.base_size, args.image_size, args.crop)
     time_once(*run, min(args.tokens, 4))  # warm-up
     runs = [time_once(*run, args.tokens) for _ in range(args.trials)]
-    peak = mx.get_peak_memory() / 1e9 if mx.metal.is_available() else (
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9)
+    peak = (
+        mx.get_peak_memory() / 1e9
+        if mx.metal.is_available()
+        else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9)
+    )
     print_summary("mlx-vlm", {"mlx-vlm": __version__, "mlx": mx.__version__}, load_s, peak, runs)
 
 

@@ -22,8 +22,13 @@ import types
 
 from stages import print_summary, stage_parser
 
-CODE_FILES = ("modeling_deepseekocr.py", "deepencoder.py", "modeling_deepseekv2.py",
-              "configuration_deepseek_v2.py", "conversation.py")
+CODE_FILES = (
+    "modeling_deepseekocr.py",
+    "deepencoder.py",
+    "modeling_deepseekv2.py",
+    "configuration_deepseek_v2.py",
+    "conversation.py",
+)
 PACKAGE = "deepseek_ocr_reference"
 
 
@@ -80,8 +85,9 @@ def _install_torchvision_stand_in() -> None:
     transforms.ToTensor, transforms.Normalize, transforms.Compose = ToTensor, Normalize, Compose
     transforms.InterpolationMode = functional.InterpolationMode = InterpolationMode
     transforms.functional, root.transforms = functional, transforms
-    sys.modules.update({"torchvision": root, "torchvision.transforms": transforms,
-                        "torchvision.transforms.functional": functional})
+    sys.modules.update(
+        {"torchvision": root, "torchvision.transforms": transforms, "torchvision.transforms.functional": functional}
+    )
 
 
 def import_reference(code_dir: str, scratch: str, device: str):
@@ -90,8 +96,10 @@ def import_reference(code_dir: str, scratch: str, device: str):
 
     missing = [f for f in CODE_FILES if not os.path.isfile(os.path.join(code_dir, f))]
     if missing:
-        raise SystemExit(f"error: {code_dir} lacks the official file(s) {', '.join(missing)}; pass the folder "
-                         "that holds the .py files of deepseek-ai/DeepSeek-OCR")
+        raise SystemExit(
+            f"error: {code_dir} lacks the official file(s) {', '.join(missing)}; pass the folder "
+            "that holds the .py files of deepseek-ai/DeepSeek-OCR"
+        )
     package = os.path.join(scratch, PACKAGE)
     os.makedirs(package)
     for name in CODE_FILES:
@@ -119,8 +127,16 @@ def official_inputs(model, tokenizer, image_path, prompt, base_size, image_size,
     model.generate = capture
     try:
         with tempfile.TemporaryDirectory() as out, contextlib.redirect_stdout(open(os.devnull, "w")):
-            model.infer(tokenizer, prompt=prompt, image_file=image_path, output_path=out, base_size=base_size,
-                        image_size=image_size, crop_mode=crop, eval_mode=True)
+            model.infer(
+                tokenizer,
+                prompt=prompt,
+                image_file=image_path,
+                output_path=out,
+                base_size=base_size,
+                image_size=image_size,
+                crop_mode=crop,
+                eval_mode=True,
+            )
     except _Intercepted:
         pass
     finally:
@@ -185,10 +201,18 @@ def time_once(model, tokenizer, vision, args, tokens):
     synchronize(args.device)
     start = time.perf_counter()
     with autocast, torch.no_grad():
-        model.generate(inputs["input_ids"], images=images,
-                       images_seq_mask=inputs["images_seq_mask"], images_spatial_crop=inputs["images_spatial_crop"],
-                       do_sample=False, eos_token_id=tokenizer.eos_token_id, max_new_tokens=tokens,
-                       min_new_tokens=tokens, use_cache=True, streamer=clock)
+        model.generate(
+            inputs["input_ids"],
+            images=images,
+            images_seq_mask=inputs["images_seq_mask"],
+            images_spatial_crop=inputs["images_spatial_crop"],
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_id,
+            max_new_tokens=tokens,
+            min_new_tokens=tokens,
+            use_cache=True,
+            streamer=clock,
+        )
     end = time.perf_counter()
     first = clock.times[0]
     vision_s = sum(vision.spans)

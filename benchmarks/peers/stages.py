@@ -27,10 +27,19 @@ def stage_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def print_summary(name: str, versions: dict[str, str], load_s: float, peak_memory_gb: float,
-                  runs: list[dict[str, float]]) -> None:
+def print_summary(
+    name: str, versions: dict[str, str], load_s: float, peak_memory_gb: float, runs: list[dict[str, float]]
+) -> None:
     """One JSON line with the keys of ``dsocr_mlx.bench.run_benchmark``'s result that the report reads."""
-    print(json.dumps({
-        "name": name, "versions": versions, "load_s": load_s, "peak_memory_gb": peak_memory_gb,
-        "median": {k: statistics.median(r[k] for r in runs) for k in runs[0]}, "trials": runs,
-    }))
+    print(
+        json.dumps(
+            {
+                "name": name,
+                "versions": versions,
+                "load_s": load_s,
+                "peak_memory_gb": peak_memory_gb,
+                "median": {k: statistics.median(r[k] for r in runs) for k in runs[0]},
+                "trials": runs,
+            }
+        )
+    )

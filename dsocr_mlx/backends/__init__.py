@@ -13,8 +13,7 @@ import sys
 
 from .runtime import Backend, Runtime, RuntimeBase
 
-__all__ = ["BACKENDS", "DTYPES", "Backend", "Runtime", "RuntimeBase", "check_dtype", "default_backend",
-           "get_backend"]
+__all__ = ["BACKENDS", "DTYPES", "Backend", "Runtime", "RuntimeBase", "check_dtype", "default_backend", "get_backend"]
 
 BACKENDS = {
     "mlx": ("dsocr_mlx.backends.mlx", "mlx.core", 'pip install "dsocr-mlx"  (needs mlx, or mlx[cpu] on Linux)'),

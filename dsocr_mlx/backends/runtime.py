@@ -40,8 +40,13 @@ class Runtime(Protocol):
         """Float32 ``[vocab]`` logits at the last prompt position."""
         ...
 
-    def generate(self, inputs: ProcessedInputs, image_embeddings: Any | None, max_tokens: int,
-                 params: SamplingParams | None = None) -> Iterator[int]:
+    def generate(
+        self,
+        inputs: ProcessedInputs,
+        image_embeddings: Any | None,
+        max_tokens: int,
+        params: SamplingParams | None = None,
+    ) -> Iterator[int]:
         """Token ids one by one, at most ``max_tokens``; the caller stops on EOS and closes the iterator."""
         ...
 
@@ -114,8 +119,7 @@ class RuntimeBase:
             return None
         with self.inference():
             crops = self.pixels(inputs.crop_pixels) if inputs.crop_pixels.shape[0] else None
-            out = self.model.encode_images(self.pixels(inputs.global_pixels), crops,
-                                                 inputs.images_spatial_crop)
+            out = self.model.encode_images(self.pixels(inputs.global_pixels), crops, inputs.images_spatial_crop)
             return self.evaluate(out)
 
     def input_embeddings(self, inputs: ProcessedInputs, image_embeddings: Any | None) -> Any:
@@ -129,8 +133,13 @@ class RuntimeBase:
             logits = self.generation.prefill(self.model, embeds, self.model.make_cache())
             return self.to_numpy(logits[0])
 
-    def generate(self, inputs: ProcessedInputs, image_embeddings: Any | None, max_tokens: int,
-                 params: SamplingParams | None = None) -> Iterator[int]:
+    def generate(
+        self,
+        inputs: ProcessedInputs,
+        image_embeddings: Any | None,
+        max_tokens: int,
+        params: SamplingParams | None = None,
+    ) -> Iterator[int]:
         """Token ids one by one (the caller stops on EOS); greedy with no processors by default."""
         params = params or SamplingParams(no_repeat_ngram_size=0)
         embeds = self.input_embeddings(inputs, image_embeddings)
@@ -138,6 +147,12 @@ class RuntimeBase:
         g = self.generation
         sampler = g.make_sampler(params.temperature, params.top_p, params.top_k, params.seed)
         processors = g.make_logits_processors(params, len(prompt))
-        for token, _ in g.generate_step(prompt, self.model, input_embeddings=embeds, max_tokens=max_tokens,
-                                        sampler=sampler, logits_processors=processors):
+        for token, _ in g.generate_step(
+            prompt,
+            self.model,
+            input_embeddings=embeds,
+            max_tokens=max_tokens,
+            sampler=sampler,
+            logits_processors=processors,
+        ):
             yield token

@@ -23,9 +23,9 @@ def from_mlx_vlm(weights: dict[str, mx.array]) -> dict[str, mx.array]:
     out = {}
     for key, value in weights.items():
         if key.startswith("language_model.lm_head."):
-            key = key[len("language_model."):]
+            key = key[len("language_model.") :]
         elif key.startswith("language_model.model."):
-            key = "model." + key[len("language_model.model."):].replace(".mlp.switch_mlp.", ".mlp.experts.")
+            key = "model." + key[len("language_model.model.") :].replace(".mlp.switch_mlp.", ".mlp.experts.")
         elif key.startswith(("vision_model.", "sam_model.", "projector.", "image_newline")):
             key = "model." + key
         elif key == "view_separator":
@@ -92,8 +92,10 @@ def resolve_device(device: str | None) -> str:
     current = "gpu" if mx.default_device() == mx.gpu else "cpu"
     if device in (None, "auto", current):
         return current
-    raise ValueError(f"the MLX backend runs on this machine's {current}, not {device!r}: devices such as cpu, "
-                     "cuda or cuda:N are the PyTorch backend's (--backend torch)")
+    raise ValueError(
+        f"the MLX backend runs on this machine's {current}, not {device!r}: devices such as cpu, "
+        "cuda or cuda:N are the PyTorch backend's (--backend torch)"
+    )
 
 
 def default_dtype(args: ModelArgs, device: str) -> str:

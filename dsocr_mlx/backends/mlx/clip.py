@@ -16,8 +16,14 @@ def quick_gelu(x: mx.array) -> mx.array:
 def embedding_table(embedding: nn.Module) -> mx.array:
     """The full table of an embedding, dequantized if a conversion quantized it."""
     if isinstance(embedding, nn.QuantizedEmbedding):
-        return mx.dequantize(embedding.weight, embedding.scales, embedding.get("biases"), embedding.group_size,
-                             embedding.bits, mode=embedding.mode)
+        return mx.dequantize(
+            embedding.weight,
+            embedding.scales,
+            embedding.get("biases"),
+            embedding.group_size,
+            embedding.bits,
+            mode=embedding.mode,
+        )
     return embedding.weight
 
 

@@ -20,15 +20,18 @@ from .model import Model
 from .quantize import QuantPolicy, quant_predicate
 
 
-def converted_tensors(folder: Path, args: ModelArgs, dtype: str,
-                      policy: QuantPolicy | None) -> Iterator[tuple[str, mx.array]]:
+def converted_tensors(
+    folder: Path, args: ModelArgs, dtype: str, policy: QuantPolicy | None
+) -> Iterator[tuple[str, mx.array]]:
     """Yield ``(key, lazy array)`` of the converted checkpoint in a stable order."""
     files = weight_files(folder)
     names = safetensors_shapes(files)
     layout = checkpoint_layout(args, set(names))
     if layout == "converted" or args.quantization:
-        raise ValueError(f"{folder} is already converted{' and quantized' if args.quantization else ''}: "
-                         "convert from the original deepseek-ai/DeepSeek-OCR checkpoint instead")
+        raise ValueError(
+            f"{folder} is already converted{' and quantized' if args.quantization else ''}: "
+            "convert from the original deepseek-ai/DeepSeek-OCR checkpoint instead"
+        )
     if layout == "hf":
         check_checkpoint(names, checkpoint_shapes(args), f"the checkpoint in {folder}")
     weights = {}
@@ -56,8 +59,12 @@ def converted_tensors(folder: Path, args: ModelArgs, dtype: str,
             yield key, value
 
 
-def write_shards(tensors: Iterator[tuple[str, mx.array]], dst: Path, max_shard_bytes: int,
-                 progress: Callable[[int], None] | None = None) -> list[str]:
+def write_shards(
+    tensors: Iterator[tuple[str, mx.array]],
+    dst: Path,
+    max_shard_bytes: int,
+    progress: Callable[[int], None] | None = None,
+) -> list[str]:
     """Write tensors into ``model-XXXXX-of-YYYYY.safetensors`` shards (plus an index); returns file names."""
     shards: list[dict[str, mx.array]] = []
     current: dict[str, mx.array] = {}
@@ -93,7 +100,8 @@ def write_shards(tensors: Iterator[tuple[str, mx.array]], dst: Path, max_shard_b
     if total > 1:
         total_size = sum((dst / n).stat().st_size for n in names)
         (dst / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {"total_size": total_size}, "weight_map": weight_map}, indent=1))
+            json.dumps({"metadata": {"total_size": total_size}, "weight_map": weight_map}, indent=1)
+        )
     return names
 
 

@@ -68,8 +68,9 @@ class SwitchLinear(nn.Module):
     def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
         return mx.gather_mm(x, self.weight.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices)
 
-    def to_quantized(self, group_size: int | None = None, bits: int | None = None, mode: str = "affine",
-                     **_) -> nn.Module:
+    def to_quantized(
+        self, group_size: int | None = None, bits: int | None = None, mode: str = "affine", **_
+    ) -> nn.Module:
         from .quantize import QuantizedSwitchLinear
 
         return QuantizedSwitchLinear(self.weight, group_size or 64, bits or 4, mode)

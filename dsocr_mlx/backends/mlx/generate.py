@@ -65,8 +65,9 @@ def make_logits_processors(params: SamplingParams, prompt_length: int) -> list[L
     if params.no_repeat_ngram_size > 0:
 
         def no_repeat_ngram(tokens: list[int], logits: mx.array) -> mx.array:
-            banned = banned_ngram_tokens(tokens[prompt_length:], params.no_repeat_ngram_size, params.ngram_window,
-                                         params.ngram_whitelist)
+            banned = banned_ngram_tokens(
+                tokens[prompt_length:], params.no_repeat_ngram_size, params.ngram_window, params.ngram_whitelist
+            )
             if banned:
                 logits[..., mx.array(sorted(banned))] = -mx.inf
             return logits

@@ -46,8 +46,7 @@ class DeepseekOCRModel(nn.Module):
         newline = mx.broadcast_to(self.image_newline.astype(grid.dtype), (rows, 1, D))
         return mx.concatenate([grid, newline], axis=1).reshape(-1, D)
 
-    def encode_images(self, global_pixels: mx.array, crop_pixels: mx.array | None,
-                      crop_grid: np.ndarray) -> mx.array:
+    def encode_images(self, global_pixels: mx.array, crop_pixels: mx.array | None, crop_grid: np.ndarray) -> mx.array:
         """All image-token embeddings of a prompt, in the order they are scattered into it.
 
         Per image: the local tile mosaic (newline after each full mosaic row), then the global view
@@ -67,8 +66,9 @@ class DeepseekOCRModel(nn.Module):
             pieces.append(self.view_seperator.astype(global_features.dtype)[None])
         return mx.concatenate(pieces, axis=0)
 
-    def get_input_embeddings(self, input_ids: mx.array, image_embeddings: mx.array | None = None,
-                             image_mask: np.ndarray | None = None) -> mx.array:
+    def get_input_embeddings(
+        self, input_ids: mx.array, image_embeddings: mx.array | None = None, image_mask: np.ndarray | None = None
+    ) -> mx.array:
         """Token embeddings with the image rows written at the ``<image>`` positions (batch of 1)."""
         embeds = self.embed_tokens(input_ids)
         if image_embeddings is None:
@@ -84,8 +84,9 @@ class DeepseekOCRModel(nn.Module):
         scattered = image_embeddings.astype(embeds.dtype)[rows]
         return mx.where(mx.array(mask)[:, None], scattered, embeds[0])[None]
 
-    def __call__(self, inputs: mx.array, cache: list[KVCache] | None = None,
-                 input_embeddings: mx.array | None = None) -> mx.array:
+    def __call__(
+        self, inputs: mx.array, cache: list[KVCache] | None = None, input_embeddings: mx.array | None = None
+    ) -> mx.array:
         h = input_embeddings if input_embeddings is not None else self.embed_tokens(inputs)
         mask = "causal" if h.shape[1] > 1 else None
         cache = cache or [None] * len(self.layers)
@@ -103,8 +104,9 @@ class Model(nn.Module):
         self.model = DeepseekOCRModel(args)
         self.lm_head = nn.Linear(args.text.hidden_size, args.text.vocab_size, bias=False)
 
-    def __call__(self, inputs: mx.array, cache: list[KVCache] | None = None,
-                 input_embeddings: mx.array | None = None) -> mx.array:
+    def __call__(
+        self, inputs: mx.array, cache: list[KVCache] | None = None, input_embeddings: mx.array | None = None
+    ) -> mx.array:
         return self.lm_head(self.model(inputs, cache, input_embeddings))
 
     def make_cache(self) -> list[KVCache]:
@@ -114,12 +116,12 @@ class Model(nn.Module):
     def layers(self) -> list[Any]:
         return self.model.layers
 
-    def encode_images(self, global_pixels: mx.array, crop_pixels: mx.array | None,
-                      crop_grid: np.ndarray) -> mx.array:
+    def encode_images(self, global_pixels: mx.array, crop_pixels: mx.array | None, crop_grid: np.ndarray) -> mx.array:
         return self.model.encode_images(global_pixels, crop_pixels, crop_grid)
 
-    def get_input_embeddings(self, input_ids: mx.array, image_embeddings: mx.array | None = None,
-                             image_mask: np.ndarray | None = None) -> mx.array:
+    def get_input_embeddings(
+        self, input_ids: mx.array, image_embeddings: mx.array | None = None, image_mask: np.ndarray | None = None
+    ) -> mx.array:
         return self.model.get_input_embeddings(input_ids, image_embeddings, image_mask)
 
     @staticmethod

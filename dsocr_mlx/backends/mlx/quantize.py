@@ -29,9 +29,18 @@ class QuantizedSwitchLinear(nn.Module):
         return self.scales.dtype if self.mode == "affine" else None
 
     def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
-        return mx.gather_qmm(x, self.weight, self.scales, self.get("biases"), rhs_indices=indices, transpose=True,
-                             group_size=self.group_size, bits=self.bits, mode=self.mode,
-                             sorted_indices=sorted_indices)
+        return mx.gather_qmm(
+            x,
+            self.weight,
+            self.scales,
+            self.get("biases"),
+            rhs_indices=indices,
+            transpose=True,
+            group_size=self.group_size,
+            bits=self.bits,
+            mode=self.mode,
+            sorted_indices=sorted_indices,
+        )
 
 
 @dataclass
@@ -58,8 +67,12 @@ class QuantPolicy:
 
     def config(self) -> dict:
         """The ``quantization`` block written into a converted ``config.json``."""
-        return {"group_size": self.group_size, "bits": self.bits, "mode": self.mode,
-                "policy": {k: v for k, v in asdict(self).items() if k not in ("group_size", "bits", "mode")}}
+        return {
+            "group_size": self.group_size,
+            "bits": self.bits,
+            "mode": self.mode,
+            "policy": {k: v for k, v in asdict(self).items() if k not in ("group_size", "bits", "mode")},
+        }
 
 
 _ATTENTION = re.compile(r"^model\.layers\.\d+\.self_attn\.[qkvo]_proj$")
@@ -106,5 +119,10 @@ def quantize_like(model: nn.Module, quantization: dict, weights: dict[str, mx.ar
     def predicate(path: str, module: nn.Module) -> bool:
         return hasattr(module, "to_quantized") and f"{path}.scales" in weights
 
-    nn.quantize(model, quantization.get("group_size", 64), quantization.get("bits", 4),
-                mode=quantization.get("mode", "affine"), class_predicate=predicate)
+    nn.quantize(
+        model,
+        quantization.get("group_size", 64),
+        quantization.get("bits", 4),
+        mode=quantization.get("mode", "affine"),
+        class_predicate=predicate,
+    )

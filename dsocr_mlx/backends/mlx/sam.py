@@ -72,8 +72,9 @@ class Attention(nn.Module):
             r1 = min(H, r0 + rows)
             bias = rel_h[:, :, r0:r1, :, :, None] + rel_w[:, :, r0:r1, :, None, :]
             bias = bias.reshape(B, self.num_heads, (r1 - r0) * W, H * W).astype(q.dtype)
-            bands.append(mx.fast.scaled_dot_product_attention(q[:, :, r0 * W : r1 * W], k, v, scale=self.scale,
-                                                              mask=bias))
+            bands.append(
+                mx.fast.scaled_dot_product_attention(q[:, :, r0 * W : r1 * W], k, v, scale=self.scale, mask=bias)
+            )
             if r1 < H:
                 mx.eval(bands[-1])  # the lazy graph would otherwise build every band's bias before any is freed
         x = mx.concatenate(bands, axis=2) if len(bands) > 1 else bands[0]
@@ -176,4 +177,3 @@ class SamEncoder(nn.Module):
         for layer in self.neck:
             x = layer(x)
         return self.net_3(self.net_2(x))
-

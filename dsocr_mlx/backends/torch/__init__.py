@@ -25,8 +25,15 @@ from .model import Model
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "I64": torch.int64,
-                      "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool}
+SAFETENSORS_DTYPES = {
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F32": torch.float32,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
 
 def read_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
@@ -69,11 +76,14 @@ def resolve_device(device: str | None) -> str:
     if parsed.type == "cuda":
         if not torch.cuda.is_available():
             build = f"built with CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
-            raise ValueError(f"device {device!r} asked for, but torch {torch.__version__} ({build}) sees no CUDA "
-                             "GPU; use --device cpu, or install a CUDA build of torch on a machine with a GPU")
+            raise ValueError(
+                f"device {device!r} asked for, but torch {torch.__version__} ({build}) sees no CUDA "
+                "GPU; use --device cpu, or install a CUDA build of torch on a machine with a GPU"
+            )
         if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-            raise ValueError(f"device {device!r} asked for, but only {torch.cuda.device_count()} CUDA device(s) "
-                             "are visible")
+            raise ValueError(
+                f"device {device!r} asked for, but only {torch.cuda.device_count()} CUDA device(s) are visible"
+            )
     return str(parsed)
 
 
@@ -96,13 +106,17 @@ def load_model(folder: str | Path, args: ModelArgs, dtype: str = "float32", devi
     names = safetensors_shapes(files)
     source = f"the checkpoint in {folder}"
     if args.quantization:
-        raise ValueError(f"{folder} is quantized ({args.quantization.get('bits')}-bit), which only the MLX backend "
-                         "runs; use --backend mlx, or convert the original checkpoint to a float dtype")
+        raise ValueError(
+            f"{folder} is quantized ({args.quantization.get('bits')}-bit), which only the MLX backend "
+            "runs; use --backend mlx, or convert the original checkpoint to a float dtype"
+        )
     layout = checkpoint_layout(args, set(names))
     converted = layout == "converted"
     if layout == "mlx-vlm":
-        raise ValueError(f"{folder} is an mlx-vlm conversion, which only the MLX backend reads; use --backend mlx "
-                         "or the original deepseek-ai/DeepSeek-OCR checkpoint")
+        raise ValueError(
+            f"{folder} is an mlx-vlm conversion, which only the MLX backend reads; use --backend mlx "
+            "or the original deepseek-ai/DeepSeek-OCR checkpoint"
+        )
     if not converted:
         check_checkpoint(names, checkpoint_shapes(args), source)
     # The layout check runs on meta tensors; then every parameter is allocated once, in its dtype on its

@@ -78,8 +78,9 @@ class Attention(nn.Module):
             causal = True
         elif mask == "causal":  # a chunk after cached positions: row i sees keys up to offset + i
             mask = torch.ones(L, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - L)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale,
-                                             enable_gqa=gqa)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale, enable_gqa=gqa
+        )
         return self.o_proj(out.transpose(1, 2).reshape(B, L, -1))
 
 

@@ -66,8 +66,9 @@ def make_logits_processors(params: SamplingParams, prompt_length: int) -> list[L
     if params.no_repeat_ngram_size > 0:
 
         def no_repeat_ngram(tokens: list[int], logits: torch.Tensor) -> torch.Tensor:
-            banned = banned_ngram_tokens(tokens[prompt_length:], params.no_repeat_ngram_size, params.ngram_window,
-                                         params.ngram_whitelist)
+            banned = banned_ngram_tokens(
+                tokens[prompt_length:], params.no_repeat_ngram_size, params.ngram_window, params.ngram_whitelist
+            )
             if banned:
                 logits[..., torch.tensor(sorted(banned), device=logits.device)] = float("-inf")
             return logits
@@ -173,11 +174,12 @@ class DecodeStep:
         position = int(self.cache[0].offset)
         if (replayed - eager).abs().max() <= 1e-2 * eager.abs().max():
             if self.checks_left:
-                self._kept = position, [(c.keys[..., position, :].clone(), c.values[..., position, :].clone())
-                                        for c in self.cache]
+                self._kept = (
+                    position,
+                    [(c.keys[..., position, :].clone(), c.values[..., position, :].clone()) for c in self.cache],
+                )
             return replayed
-        warnings.warn("the CUDA graph of the decode step disagrees with the eager step; decoding eagerly",
-                      stacklevel=3)
+        warnings.warn("the CUDA graph of the decode step disagrees with the eager step; decoding eagerly", stacklevel=3)
         if self._kept is not None:
             kept_position, entries = self._kept
             for c, (k, v) in zip(self.cache, entries):

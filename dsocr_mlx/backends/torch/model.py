@@ -46,8 +46,9 @@ class DeepseekOCRModel(nn.Module):
         newline = self.image_newline.to(grid.dtype).expand(rows, 1, D)
         return torch.cat([grid, newline], dim=1).reshape(-1, D)
 
-    def encode_images(self, global_pixels: torch.Tensor, crop_pixels: torch.Tensor | None,
-                      crop_grid: np.ndarray) -> torch.Tensor:
+    def encode_images(
+        self, global_pixels: torch.Tensor, crop_pixels: torch.Tensor | None, crop_grid: np.ndarray
+    ) -> torch.Tensor:
         """All image-token embeddings of a prompt, in the order they are scattered into it.
 
         Per image: the local tile mosaic (newline after each full mosaic row), then the global view
@@ -67,8 +68,12 @@ class DeepseekOCRModel(nn.Module):
             pieces.append(self.view_seperator.to(global_features.dtype)[None])
         return torch.cat(pieces, dim=0)
 
-    def get_input_embeddings(self, input_ids: torch.Tensor, image_embeddings: torch.Tensor | None = None,
-                             image_mask: np.ndarray | None = None) -> torch.Tensor:
+    def get_input_embeddings(
+        self,
+        input_ids: torch.Tensor,
+        image_embeddings: torch.Tensor | None = None,
+        image_mask: np.ndarray | None = None,
+    ) -> torch.Tensor:
         """Token embeddings with the image rows written at the ``<image>`` positions (batch of 1)."""
         embeds = self.embed_tokens(input_ids)
         if image_embeddings is None:
@@ -83,8 +88,12 @@ class DeepseekOCRModel(nn.Module):
         embeds[0, torch.from_numpy(mask).to(embeds.device)] = image_embeddings.to(embeds.dtype)
         return embeds
 
-    def forward(self, inputs: torch.Tensor | None, cache: list[KVCache] | None = None,
-                input_embeddings: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        inputs: torch.Tensor | None,
+        cache: list[KVCache] | None = None,
+        input_embeddings: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         h = input_embeddings if input_embeddings is not None else self.embed_tokens(inputs)
         mask = "causal" if h.shape[1] > 1 else None
         cache = cache or [None] * len(self.layers)
@@ -102,8 +111,12 @@ class Model(nn.Module):
         self.model = DeepseekOCRModel(args)
         self.lm_head = nn.Linear(args.text.hidden_size, args.text.vocab_size, bias=False)
 
-    def forward(self, inputs: torch.Tensor | None, cache: list[KVCache] | None = None,
-                input_embeddings: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        inputs: torch.Tensor | None,
+        cache: list[KVCache] | None = None,
+        input_embeddings: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         return self.lm_head(self.model(inputs, cache, input_embeddings))
 
     def make_cache(self, max_length: int | None = None) -> list[KVCache]:
@@ -113,12 +126,17 @@ class Model(nn.Module):
     def layers(self) -> list[Any]:
         return self.model.layers
 
-    def encode_images(self, global_pixels: torch.Tensor, crop_pixels: torch.Tensor | None,
-                      crop_grid: np.ndarray) -> torch.Tensor:
+    def encode_images(
+        self, global_pixels: torch.Tensor, crop_pixels: torch.Tensor | None, crop_grid: np.ndarray
+    ) -> torch.Tensor:
         return self.model.encode_images(global_pixels, crop_pixels, crop_grid)
 
-    def get_input_embeddings(self, input_ids: torch.Tensor, image_embeddings: torch.Tensor | None = None,
-                             image_mask: np.ndarray | None = None) -> torch.Tensor:
+    def get_input_embeddings(
+        self,
+        input_ids: torch.Tensor,
+        image_embeddings: torch.Tensor | None = None,
+        image_mask: np.ndarray | None = None,
+    ) -> torch.Tensor:
         return self.model.get_input_embeddings(input_ids, image_embeddings, image_mask)
 
     @staticmethod

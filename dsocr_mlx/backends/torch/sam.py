@@ -90,8 +90,9 @@ def window_partition(x: torch.Tensor, window: int) -> tuple[torch.Tensor, tuple[
     return x.reshape(-1, window, window, C), (Hp, Wp)
 
 
-def window_unpartition(windows: torch.Tensor, window: int, padded: tuple[int, int],
-                       size: tuple[int, int]) -> torch.Tensor:
+def window_unpartition(
+    windows: torch.Tensor, window: int, padded: tuple[int, int], size: tuple[int, int]
+) -> torch.Tensor:
     Hp, Wp = padded
     H, W = size
     B = windows.shape[0] // ((Hp // window) * (Wp // window))
@@ -131,8 +132,9 @@ class LayerNorm2d(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x.permute(0, 2, 3, 1), self.weight.shape, self.weight, self.bias,
-                            self.eps).permute(0, 3, 1, 2)
+        return F.layer_norm(x.permute(0, 2, 3, 1), self.weight.shape, self.weight, self.bias, self.eps).permute(
+            0, 3, 1, 2
+        )
 
 
 class SamEncoder(nn.Module):
