@@ -38,7 +38,7 @@ def convert(
             overwrite=overwrite,
             upload_repo=upload_repo,
         )
-    except (FileNotFoundError, FileExistsError, ValueError, ConnectionError, ImportError) as e:
+    except (OSError, ValueError, ConnectionError, ImportError) as e:
         typer.echo(f"dsocr convert: {e}", err=True)
         raise typer.Exit(1) from None
     quantized = f", {report.quantization['bits']}-bit quantized" if report.quantization else ""

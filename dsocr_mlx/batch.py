@@ -115,8 +115,9 @@ def run_items(
                     on_page(item, result)
                 if outcome.folder is not None:
                     result.save(outcome.folder, overwrite=True)
-        except (ValueError, FileNotFoundError, OSError) as e:
-            outcome.error, outcome.exception = str(e), e
+        except Exception as e:  # noqa: BLE001 - one bad input is one line; the batch goes on
+            expected = isinstance(e, (ValueError, OSError))
+            outcome.error, outcome.exception = str(e) if expected else f"{type(e).__name__}: {e}", e
         yield outcome
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import ModelArgs
+from .files import check_output_folder, is_within, staged_folder
 from .hub import resolve_model_path
 from .progress import Progress
 from .weights import CONVERTED_FORMAT
@@ -62,7 +63,8 @@ def convert(
 
     Args:
         src: ``deepseek-ai/DeepSeek-OCR`` or a local folder (the original layout, or an mlx-vlm conversion).
-        dst: the folder to write; refused if it exists unless ``overwrite``.
+        dst: the folder to write; refused if it exists unless ``overwrite``, and if it is, is inside or
+            contains ``src``. It is written aside and replaces an existing folder only when complete.
         dtype: ``float16`` (default: the most precise half type for long greedy decodes), ``bfloat16``
             or ``float32``.
         q_bits: quantize with this many bits (2, 3, 4, 5, 6 or 8); None keeps floats.
@@ -81,41 +83,37 @@ def convert(
     from .backends.mlx.convert import converted_tensors, tensor_count, write_shards
     from .backends.mlx.quantize import QuantPolicy
 
-    dst = Path(dst)
-    if dst.exists() and any(dst.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{dst} exists and is not empty; pass overwrite to replace it")
-        shutil.rmtree(dst)
     policy = None
     if q_bits is not None:
         unknown = set(q_policy or {}) - {"attention", "mlp", "experts", "lm_head", "embed_tokens", "vision"}
         if unknown:
             raise ValueError(f"unknown quantization policy key(s) {sorted(unknown)}")
         policy = QuantPolicy(bits=q_bits, group_size=q_group_size, mode=q_mode, **(q_policy or {}))
+    # The source is found and read before anything is written; the output is written aside and
+    # replaces DST only when complete.
     folder = resolve_model_path(src)
+    dst = Path(dst).expanduser()
+    if is_within(dst, folder) or is_within(folder, dst):
+        raise ValueError(f"the output {dst} is, or is inside, or contains the source {folder}: choose another folder")
+    check_output_folder(dst, overwrite)
     config_path = folder / "config.json"
     args = ModelArgs.from_file(config_path)
     raw_config = json.loads(config_path.read_text())
-
-    dst.mkdir(parents=True, exist_ok=True)
-    try:
-        total = tensor_count(folder, args, policy)
+    total = tensor_count(folder, args, policy)
+    with staged_folder(dst, overwrite) as out:
         label = f"converting to {dtype}" + (f" q{q_bits}" if q_bits else "")
         with Progress(total, label, enabled=show_progress) as bar:
-            files = write_shards(converted_tensors(folder, args, dtype, policy), dst, max_shard_bytes, bar.update)
-    except BaseException:
-        shutil.rmtree(dst, ignore_errors=True)
-        raise
-    raw_config["dsocr_format"] = CONVERTED_FORMAT
-    raw_config["dsocr_dtype"] = dtype
-    raw_config.pop("quantization", None)
-    if policy is not None:
-        raw_config["quantization"] = policy.config()
-    (dst / "config.json").write_text(json.dumps(raw_config, indent=1, ensure_ascii=False))
-    for name in TOKENIZER_FILES:
-        if (folder / name).is_file():
-            shutil.copy(folder / name, dst / name)
-    (dst / "README.md").write_text(_model_card(str(src), dtype, raw_config.get("quantization")))
+            files = write_shards(converted_tensors(folder, args, dtype, policy), out, max_shard_bytes, bar.update)
+        raw_config["dsocr_format"] = CONVERTED_FORMAT
+        raw_config["dsocr_dtype"] = dtype
+        raw_config.pop("quantization", None)
+        if policy is not None:
+            raw_config["quantization"] = policy.config()
+        (out / "config.json").write_text(json.dumps(raw_config, indent=1, ensure_ascii=False))
+        for name in TOKENIZER_FILES:
+            if (folder / name).is_file():
+                shutil.copy(folder / name, out / name)
+        (out / "README.md").write_text(_model_card(str(src), dtype, raw_config.get("quantization")))
     size = sum(p.stat().st_size for p in dst.iterdir() if p.is_file())
     if upload_repo:
         upload(dst, upload_repo)

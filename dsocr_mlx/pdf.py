@@ -26,28 +26,43 @@ def is_pdf(path: str | Path) -> bool:
         return False
 
 
+MAX_PAGE_SPEC = 1000  # characters: a page selection longer than this is refused unread
+
+
 def parse_pages(spec: str | None, count: int) -> list[int]:
-    """``"1-3,7"`` -> zero-based page indices ``[0, 1, 2, 6]``; None or ``""`` means every page."""
+    """``"1-3,7"`` -> zero-based page indices ``[0, 1, 2, 6]``; None or ``""`` means every page.
+
+    Linear in the selection, whatever it holds; a repeated page counts once, in its first place.
+    """
     if not spec:
         return list(range(count))
+    if len(spec) > MAX_PAGE_SPEC:
+        raise ValueError(f"the page selection is {len(spec)} characters long, more than {MAX_PAGE_SPEC}")
+    shown = spec if len(spec) <= 40 else spec[:40] + "..."
     pages: list[int] = []
+    seen: set[int] = set()
     for part in spec.split(","):
         part = part.strip()
-        try:
-            if "-" in part:
-                lo_text, hi_text = part.split("-", 1)
-                lo = int(lo_text) if lo_text.strip() else 1
-                hi = int(hi_text) if hi_text.strip() else count
-            else:
-                lo = hi = int(part)
-        except ValueError:
-            raise ValueError(f"page range {spec!r} is not like 1-3,7") from None
+        lo_text, dash, hi_text = (t.strip() for t in part.partition("-"))
+        if not (
+            _number(lo_text) if not dash else (_number(lo_text) or not lo_text) and (_number(hi_text) or not hi_text)
+        ):
+            raise ValueError(f"page range {shown!r} is not like 1-3,7")
+        lo = int(lo_text) if lo_text else 1
+        hi = (int(hi_text) if hi_text else count) if dash else lo
         if lo < 1 or hi < lo:
-            raise ValueError(f"page range {part!r} is empty or starts below 1")
+            raise ValueError(f"page range {part[:40]!r} is empty or starts below 1")
         if lo > count:
             raise ValueError(f"page {lo} is past the end: the PDF has {count} page(s)")
-        pages.extend(p - 1 for p in range(lo, min(hi, count) + 1) if p - 1 not in pages)
+        for p in range(lo - 1, min(hi, count)):
+            if p not in seen:
+                seen.add(p)
+                pages.append(p)
     return pages
+
+
+def _number(text: str) -> bool:
+    return text.isascii() and text.isdigit()
 
 
 def _open(path: Path):
@@ -58,13 +73,13 @@ def _open(path: Path):
     try:
         return pdfium.PdfDocument(str(path))
     except pdfium.PdfiumError as e:
-        message = str(e)
-        # pdfium may repeat an earlier failure's message, so look for encryption in the file itself.
-        if "password" in message.lower() and b"/Encrypt" in path.read_bytes():
+        # pdfium's last error is process-wide: its text may be an earlier document's, so it is not
+        # repeated; the file itself tells encryption apart.
+        if b"/Encrypt" in path.read_bytes():
             raise ValueError(f"{path} is encrypted: decrypt it first (for example qpdf --decrypt)") from None
-        if "success" in message.lower():
+        if "success" in str(e).lower():
             raise ValueError(f"{path} has no pages or a broken page tree") from None
-        raise ValueError(f"{path} is not a readable PDF ({message})") from None
+        raise ValueError(f"{path} is not a readable PDF: it is damaged or not a PDF") from None
 
 
 def page_count(path: str | Path) -> int:

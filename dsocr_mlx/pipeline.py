@@ -18,6 +18,7 @@ from PIL import Image
 from . import grounding, pdf, textstream
 from .backends import Runtime, check_dtype, get_backend
 from .config import ModelArgs
+from .files import staged_files
 from .hub import resolve_model_path
 from .options import DEFAULT_PROMPT, TASKS, OCROptions, build_prompt
 from .processing import ImageInput, ProcessedInputs, load_image, prepare_inputs
@@ -119,51 +120,59 @@ class OCRResult:
 
     def save(self, out_dir: str | Path, overwrite: bool = False) -> Path:
         """Write the official artefacts: ``result.mmd``, ``result_ori.mmd``, ``result_with_boxes.jpg``,
-        ``images/N.jpg`` (figure crops) and ``result.json``."""
+        ``images/N.jpg`` (figure crops) and ``result.json``.
+
+        They are written aside and moved into ``out_dir`` when all are complete, ``result.mmd`` last:
+        an interrupted save leaves no ``result.mmd``, so the folder never looks finished.
+        """
         out = Path(out_dir)
         if (out / "result.mmd").exists() and not overwrite:
             raise FileExistsError(f"{out / 'result.mmd'} exists; pass overwrite=True to replace it")
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "result.mmd").write_text(self.text, encoding="utf-8")
-        (out / "result_ori.mmd").write_text(self.raw_text, encoding="utf-8")
-        if self.image is not None:
-            grounding.draw_blocks(self.image, self.blocks).save(out / "result_with_boxes.jpg")
-            grounding.save_figures(self.image, self.blocks, out / "images")
-        (out / "result.json").write_text(json.dumps(self.to_dict(), indent=1, ensure_ascii=False), encoding="utf-8")
+        with staged_files(out, last="result.mmd") as staged:
+            (staged / "result.mmd").write_text(self.text, encoding="utf-8")
+            (staged / "result_ori.mmd").write_text(self.raw_text, encoding="utf-8")
+            if self.image is not None:
+                grounding.draw_blocks(self.image, self.blocks).save(staged / "result_with_boxes.jpg")
+                grounding.save_figures(self.image, self.blocks, staged / "images")
+            (staged / "result.json").write_text(
+                json.dumps(self.to_dict(), indent=1, ensure_ascii=False), encoding="utf-8"
+            )
         return out
 
 
-def join_pages(results: Iterable[OCRResult], raw: bool = False) -> str:
-    """The official combined Markdown of a PDF: each page followed by the page separator."""
-    return "".join((r.raw_text if raw else r.text) + f"\n{pdf.PAGE_SEPARATOR}\n" for r in results)
+def join_pages(results: Iterable[OCRResult], raw: bool = False, output: str | None = None) -> str:
+    """The official combined Markdown of a PDF: each page followed by the page separator (``raw``: the
+    raw texts; ``output``: each page in that output form, as a server client gets it)."""
+    form = output or ("raw" if raw else "markdown")
+    return "".join(r.output_text(form) + f"\n{pdf.PAGE_SEPARATOR}\n" for r in results)
 
 
 def save_pdf_results(results: list[OCRResult], out_dir: str | Path, stem: str, overwrite: bool = False) -> Path:
     """The official PDF artefacts: ``{stem}.mmd``, ``{stem}_det.mmd``, ``{stem}_layouts.pdf``, ``images/``,
-    plus ``{stem}.json`` with every page's blocks and usage."""
+    plus ``{stem}.json`` with every page's blocks and usage; written aside, ``{stem}.mmd`` moved in last."""
     out = Path(out_dir)
     if (out / f"{stem}.mmd").exists() and not overwrite:
         raise FileExistsError(f"{out / (stem + '.mmd')} exists; pass overwrite=True to replace it")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stem}.mmd").write_text(join_pages(results), encoding="utf-8")
-    (out / f"{stem}_det.mmd").write_text(join_pages(results, raw=True), encoding="utf-8")
-    drawn = []
-    for r in results:
-        if r.image is not None:
-            drawn.append(grounding.draw_blocks(r.image, r.blocks))
-            grounding.save_figures(r.image, r.blocks, out / "images", prefix=f"{r.page}_")
-    pdf.save_images_as_pdf(drawn, out / f"{stem}_layouts.pdf")
-    (out / f"{stem}.json").write_text(
-        json.dumps([r.to_dict() for r in results], indent=1, ensure_ascii=False), encoding="utf-8"
-    )
+    with staged_files(out, last=f"{stem}.mmd") as staged:
+        (staged / f"{stem}.mmd").write_text(join_pages(results), encoding="utf-8")
+        (staged / f"{stem}_det.mmd").write_text(join_pages(results, raw=True), encoding="utf-8")
+        drawn = []
+        for r in results:
+            if r.image is not None:
+                drawn.append(grounding.draw_blocks(r.image, r.blocks))
+                grounding.save_figures(r.image, r.blocks, staged / "images", prefix=f"{r.page}_")
+        pdf.save_images_as_pdf(drawn, staged / f"{stem}_layouts.pdf")
+        (staged / f"{stem}.json").write_text(
+            json.dumps([r.to_dict() for r in results], indent=1, ensure_ascii=False), encoding="utf-8"
+        )
     return out
 
 
 class Decoding:
     """One sequence's decoding: token ids in, :class:`GenerationResponse` out.
 
-    Holds everything that is per sequence (detokenizer, stop strings, loop detector, client text), so
-    a loop over one sequence (:meth:`OCRModel.stream_ocr`) or over the rows of a batch drives it alike.
+    Holds everything that is per sequence (detokenizer, stop strings, loop detector, client text):
+    :meth:`OCRModel.stream_ocr` drives one, and a batched decoder can drive one per row.
     """
 
     def __init__(
@@ -387,7 +396,7 @@ class OCRModel:
         self.runtime.synchronize()
         t2 = time.perf_counter()
         params = options.sampling_params(pdf_page=page is not None)
-        loop, retried = None, False
+        loop, retried, first_attempt = None, False, None
         while True:
             seq = Decoding(
                 self.tokenizer,
@@ -407,6 +416,7 @@ class OCRModel:
                     yield response
             if response is None or response.finish_reason is None:  # the runtime ended before the budget
                 response = seq.end()
+            first_attempt = first_attempt or seq  # the time to the first token is the first attempt's
             if response.finish_reason == "repetition" and options.retry_on_repetition and not retried:
                 logger.info(
                     "repetition loop (period %d): retrying with stronger anti-repetition", response.repetition.period
@@ -438,8 +448,8 @@ class OCRModel:
         result.timings = {
             "preprocess": t1 - t0,
             "vision": t2 - t1,
-            "prefill": (seq.first or t3) - seq.start,
-            "first_token": (seq.first or t3) - t1,
+            "prefill": (first_attempt.first or t3) - first_attempt.start,
+            "first_token": (first_attempt.first or t3) - t1,
             "generation_tps": response.generation_tps,
             "postprocess": t4 - t3,
             "total": t4 - t0,

@@ -71,6 +71,43 @@ def get_mode(mode: str | Mode) -> Mode:
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 
 
+def open_image(
+    source: str | Path | io.BytesIO, name: str, max_pixels: int | None = None, decode: bool = True
+) -> Image.Image:
+    """Open and decode an image file or buffer, in the raster formats of :data:`IMAGE_FORMATS` only.
+
+    ``max_pixels`` refuses larger images from their header, before any pixel is decoded (default:
+    Pillow's decompression-bomb limit). With ``decode=False`` only the header is read and checked.
+
+    Raises:
+        ValueError: not a readable image in a supported format, too many pixels, or a failing decoder,
+            with ``name`` (the file, or "the image") in the message.
+    """
+    Image.init()  # registers every opener, so the formats named below are known
+    try:
+        img = Image.open(source, formats=IMAGE_FORMATS)  # reads the header only
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"{name} declares too many pixels to decode safely ({e})") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        raise ValueError(f"{name} is not a readable image in a supported format ({', '.join(IMAGE_FORMATS)})") from None
+    width, height = img.size
+    if max_pixels is not None and width * height > max_pixels:
+        raise ValueError(f"{name} declares {width}x{height} pixels, more than the limit of {max_pixels}")
+    if not decode:
+        return img
+    try:
+        img.load()
+    except Exception as e:  # noqa: BLE001 - a decoder may fail in any way on hostile bytes: one clear error
+        raise ValueError(f"{name} is not a readable image: it is truncated or corrupt ({e})") from None
+    return img
+
+
+def check_image(data: bytes, max_pixels: int) -> None:
+    """Refuse untrusted image bytes from their header alone: a format outside :data:`IMAGE_FORMATS`, or
+    more than ``max_pixels`` pixels (a truncated body shows only when :func:`decode_image` decodes it)."""
+    open_image(io.BytesIO(data), "the image", max_pixels, decode=False)
+
+
 def decode_image(data: bytes, max_pixels: int) -> Image.Image:
     """Decode untrusted image bytes into an RGB image, refusing decompression bombs before decoding pixels.
 
@@ -78,25 +115,14 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
         ValueError: the bytes are not a complete image in a supported format, or declare more than
             ``max_pixels`` pixels (checked from the header, before any pixel is decoded).
     """
-    Image.init()  # registers every opener, so the formats named below are known
-    try:
-        img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)  # reads the header only
-    except Image.DecompressionBombError:
-        raise ValueError(f"the image declares more than {max_pixels} pixels") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
-        raise ValueError(f"the data is not an image in a supported format ({', '.join(IMAGE_FORMATS)})") from None
-    width, height = img.size
-    if width * height > max_pixels:
-        raise ValueError(f"the image declares {width}x{height} pixels, more than the limit of {max_pixels}")
-    try:
-        img.load()
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise ValueError(f"the image is truncated or corrupt ({e})") from None
-    return load_image(img)
+    return load_image(open_image(io.BytesIO(data), "the image", max_pixels))
 
 
 def load_image(image: ImageInput) -> Image.Image:
-    """Open an image from a path, bytes, PIL image or HxW[xC] uint8 array; EXIF-transposed RGB."""
+    """Open an image from a path, bytes, PIL image or HxW[xC] uint8 array; EXIF-transposed RGB.
+
+    Files and bytes are decoded as :func:`open_image` does: supported raster formats only, clear errors.
+    """
     if isinstance(image, Image.Image):
         img = image
     elif isinstance(image, np.ndarray):
@@ -106,20 +132,12 @@ def load_image(image: ImageInput) -> Image.Image:
             )
         img = Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[2] == 1 else image)
     elif isinstance(image, (bytes, bytearray, memoryview)):
-        try:
-            img = Image.open(io.BytesIO(bytes(image)))
-            img.load()
-        except (UnidentifiedImageError, OSError) as e:
-            raise ValueError(f"the image bytes are not a readable image ({e})") from None
+        img = open_image(io.BytesIO(bytes(image)), "the image bytes")
     elif isinstance(image, (str, Path)):
         path = Path(image)
         if not path.is_file():
             raise FileNotFoundError(f"image {path} not found")
-        try:
-            img = Image.open(path)
-            img.load()
-        except (UnidentifiedImageError, OSError) as e:
-            raise ValueError(f"{path} is not a readable image ({e})") from None
+        img = open_image(path, str(path))
     else:
         raise TypeError(f"unsupported image type {type(image).__name__}: pass a path, bytes, PIL.Image or numpy array")
     try:

