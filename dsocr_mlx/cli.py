@@ -224,7 +224,19 @@ def serve(
         from dsocr_server import create_app
     except ImportError as e:
         raise _fail(f"the server needs its extra ({e}): pip install 'dsocr-mlx[server]'") from None
-    uvicorn.run(create_app(conf), host=s["host"], port=s["port"], access_log=False, log_level="info")
+    try:
+        asgi = create_app(conf)
+    except ValueError as e:
+        raise _fail(str(e), 2) from None
+    # Running requests get shutdown_timeout seconds on Ctrl-C or SIGTERM; then they are cancelled.
+    uvicorn.run(
+        asgi,
+        host=s["host"],
+        port=s["port"],
+        access_log=False,
+        log_level="info",
+        timeout_graceful_shutdown=s["shutdown_timeout"],
+    )
 
 
 @app.command()
@@ -288,7 +300,7 @@ def make_test_model(
     args = PRESETS[size](layers) if layers else PRESETS[size]()
     try:
         write_random_checkpoint(dst, args, seed=seed, overwrite=overwrite)
-    except (FileExistsError, ImportError) as e:
+    except (FileExistsError, ImportError, ValueError) as e:
         raise _fail(str(e)) from None
     typer.echo(f"wrote {dst}")
 

@@ -49,11 +49,13 @@ def _option(
 class OCROptions:
     """One OCR request's settings: task or prompt, mode, sampling, anti-repetition, stop strings, output."""
 
-    task: str | None = _option("markdown", f"{', '.join(TASKS)} (the official prompts; locate needs ref)")
+    task: str | None = _option(
+        None, f"{', '.join(TASKS)} (the official prompts; locate needs ref; unset: markdown)", example="markdown"
+    )
     prompt: str | None = _option(
         None, "a custom prompt with one <image> per image; replaces the task", config=False, request=False
     )
-    ref: str | None = _option(None, "the text to find, for task locate", config=False, request=False)
+    ref: str | None = _option(None, "the text to find, for task locate", request=False, example="total")
     mode: str = _option("gundam", f"{', '.join(MODES)} (gundam: a 1024 view plus 640 tiles)")
     max_new_tokens: int = _option(8192, "the most tokens generated per image or page")
     temperature: float = _option(0.0, "0 = greedy (the official setting)")
@@ -96,12 +98,20 @@ class OCROptions:
         if self.prompt is not None and self.task is not None:
             raise OptionError("prompt", "give either a prompt or a task, not both")
         if self.prompt is None:
-            if self.task not in TASKS:
+            if (self.task or "markdown") not in TASKS:
                 raise OptionError(
                     "task", f"unknown task {self.task!r}: choose one of {', '.join(TASKS)} or pass a prompt"
                 )
             if self.task == "locate" and not self.ref:
                 raise OptionError("ref", "the locate task needs the text to find (ref)")
+        for name in ("prompt", "ref", "stop"):
+            for text in (v,) if isinstance(v := getattr(self, name), str) else v or ():
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise OptionError(name, f"{name} is not valid Unicode text (it holds a lone surrogate)") from None
+        if self.seed is not None and not 0 <= self.seed < 2**64:
+            raise OptionError("seed", f"seed must be between 0 and 2**64 - 1, got {self.seed}")
         if self.mode not in MODES:
             raise OptionError("mode", f"unknown mode {self.mode!r}: choose one of {', '.join(MODES)}")
         if self.output not in OUTPUTS:
@@ -112,6 +122,8 @@ class OCROptions:
             pdf.check_dpi(self.dpi)
         except ValueError as e:
             raise OptionError("dpi", str(e)) from None
+        if self.ngram_window is not None and self.ngram_window < 1:
+            raise OptionError("ngram_window", f"ngram_window must be at least 1, got {self.ngram_window}")
         for pdf_page in (False, True):  # the sampling rules live in SamplingParams; run them once here
             try:
                 self.sampling_params(pdf_page)
@@ -124,7 +136,8 @@ class OCROptions:
         """The prompt the model reads: the custom one, or the official prompt of the task."""
         if self.prompt is not None:
             return self.prompt
-        return TASKS[self.task].format(ref=self.ref) if self.task == "locate" else TASKS[self.task]
+        task = self.task or "markdown"
+        return TASKS[task].format(ref=self.ref) if task == "locate" else TASKS[task]
 
     def sampling_params(self, pdf_page: bool = False) -> SamplingParams:
         """The backend's sampling settings, with the official n-gram ban of an image or of a PDF page."""
@@ -205,7 +218,7 @@ def coerce(name: str, value: Any, text: bool = False) -> Any:
                 return (raw,) if raw else ()
             return kind(raw)
         except ValueError:
-            raise OptionError(name, f"{name} must be {want}, got {value!r}") from None
+            raise OptionError(name, f"{name} must be {want}, got {_shown(value)}") from None
     ok = {
         bool: lambda v: isinstance(v, bool),
         int: lambda v: isinstance(v, int) and not isinstance(v, bool),
@@ -214,7 +227,7 @@ def coerce(name: str, value: Any, text: bool = False) -> Any:
         tuple: lambda v: isinstance(v, (list, tuple)) and all(isinstance(s, str) for s in v),
     }[kind]
     if not ok(value):
-        raise OptionError(name, f"{name} must be {want}, got {json.dumps(value, default=str)[:80]}")
+        raise OptionError(name, f"{name} must be {want}, got {_shown(value)}")
     if kind is float:
         return float(value)
     if kind is tuple:
@@ -222,8 +235,11 @@ def coerce(name: str, value: Any, text: bool = False) -> Any:
     return value
 
 
+def _shown(value: Any) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 40 else text[:40] + "..."
+
+
 def build_prompt(prompt: str | None = None, task: str | None = None, ref: str | None = None) -> str:
     """The prompt text: a custom ``prompt``, or the official prompt of a named ``task`` (``markdown`` by default)."""
-    if task is None and prompt is None:
-        task = "markdown"
     return OCROptions(task=task, prompt=prompt, ref=ref).prompt_text

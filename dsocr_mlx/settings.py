@@ -38,6 +38,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "cors_origins": [],
         "models": {},
         "allow_model_switch": True,
+        "allowed_hosts": [],
+        "shutdown_timeout": 10,
     },
 }
 
@@ -66,6 +68,9 @@ _TEMPLATE = """# dsocr configuration (created with the defaults; edit and uncomm
 # allow_remote_images = false
 # cors_origins = []
 # allow_model_switch = true
+# allowed_hosts = []                  # Host names answered besides the bound address ("*": any); on a
+#                                     # loopback address only loopback names are answered by default
+# shutdown_timeout = 10               # seconds running requests get to finish on Ctrl-C or SIGTERM
 
 # [server.models]                     # extra models a request may name: name = "repo id or folder"
 # small = "mlx-community/DeepSeek-OCR-4bit"

@@ -61,7 +61,7 @@ class TextStream:
             return ""
         self.seen = len(raw)
         text = raw.lstrip()
-        text = text[: max(0, min(len(text.rstrip()), len(text) - self.hold))]
+        text = text[: max(0, len(text) - self.hold)].rstrip()  # held for a stop string, then stripped
         if self.output == "markdown":
             text = self._stable_markdown(text)
         return self._advance(text)
@@ -86,12 +86,17 @@ class TextStream:
                 break
         removed_span = any(end <= len(text) and not grounding.is_figure(text[start:end]) for start, end, _, _ in spans)
         text = markdown(text, self.page)
+        # Span markup left after the clean-up (a span joined from the text around a removed one, or an
+        # unclosed one) may still be removed by the replace-all of a later span: it waits.
+        left = text.find(_SPAN_OPEN)
+        if left >= 0:
+            text = text[:left]
         # Each removed non-figure span rewrites the whole text once more: the first one replaces these,
         # and on a PDF page every one collapses runs of blank lines again (a run of 6 becomes 3, then 2).
         patterns = (() if removed_span else _REWRITTEN) + ((_BLANK_RUN,) if self.page is not None else ())
         cuts = [i for i in (text.find(p) for p in patterns) if i >= 0]
         text = text[: min(cuts, default=len(text))]
-        for p in _REWRITTEN:  # a pattern may be completing at the end
+        for p in (*_REWRITTEN, _SPAN_OPEN):  # a pattern may be completing at the end
             for k in range(len(p) - 1, 0, -1):
                 if text.endswith(p[:k]):
                     text = text[:-k]

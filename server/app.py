@@ -17,8 +17,9 @@ from starlette.routing import Route
 from dsocr_mlx.settings import Settings, load_settings
 
 from . import handlers
-from .guard import Guard
+from .guard import Guard, allowed_hosts, check_api_key
 from .handlers import ServerState
+from .serving import clean_stale_uploads
 from .worker import InferenceWorker
 
 ROUTES = [
@@ -40,6 +41,9 @@ def create_app(settings: Settings | None = None, loader: Callable[[str], Any] | 
 
     ``loader`` maps a model path to a loaded model (default: ``OCRModel.load`` with the configured backend,
     dtype and device); it runs on the inference thread.
+
+    Raises:
+        ValueError: an API key that no client could send.
     """
     settings = settings or load_settings(create=False)
     limits, model_conf = settings.server, settings.model
@@ -57,11 +61,19 @@ def create_app(settings: Settings | None = None, loader: Callable[[str], Any] | 
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
+        clean_stale_uploads()
         worker.start()
         yield
+        state = app.state.dsocr
+        for pool in (state.checkers, state.fetchers):
+            pool.shutdown(wait=False, cancel_futures=True)
         await asyncio.to_thread(worker.stop)
 
-    middleware = [Middleware(Guard, api_key=limits["api_key"], max_body=limits["max_body_mb"] << 20)]
+    check_api_key(limits["api_key"])
+    hosts = allowed_hosts(limits["host"], limits["allowed_hosts"])
+    middleware = [
+        Middleware(Guard, api_key=limits["api_key"], max_body=limits["max_body_mb"] << 20, allowed_hosts=hosts)
+    ]
     if limits["cors_origins"]:  # outside Guard, so that preflight requests need no key
         middleware.insert(
             0,

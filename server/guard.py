@@ -38,11 +38,39 @@ def as_api_error(e: BaseException) -> APIError:
     return APIError(500, "internal server error", "server_error")
 
 
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+def host_name(header: str) -> str:
+    """The name in a Host header, without the port (``[::1]:8000`` -> ``::1``), lower case."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1 : header.find("]")] if "]" in header else header
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+def allowed_hosts(bind: str, names: list[str]) -> frozenset[str] | None:
+    """The Host names the server answers: on a loopback address its loopback names plus ``names``; on
+    another address any name, unless ``names`` lists them. None means any."""
+    if "*" in names:
+        return None
+    loopback = bind in LOOPBACK_NAMES or bind.startswith("127.")
+    if not loopback and not names:
+        return None
+    return frozenset(n.lower() for n in names) | (LOOPBACK_NAMES | {bind} if loopback else {bind.lower()})
+
+
+def check_api_key(key: str) -> None:
+    """Refuse a key that clients cannot send: HTTP headers carry printable ASCII only."""
+    if key and not (key.isascii() and key.isprintable() and " " not in key):
+        raise ValueError("the API key must be printable ASCII with no spaces (HTTP headers cannot carry others)")
+
+
 class Guard:
     """Outermost checks: API key (constant-time), body size, one access-log line, and no traceback out."""
 
-    def __init__(self, app: Any, api_key: str, max_body: int):
-        self.app, self.api_key, self.max_body = app, api_key, max_body
+    def __init__(self, app: Any, api_key: str, max_body: int, allowed_hosts: frozenset[str] | None = None):
+        self.app, self.api_key, self.max_body, self.allowed_hosts = app, api_key, max_body, allowed_hosts
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -63,6 +91,9 @@ class Guard:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         scheme, _, key = headers.get("authorization", "").partition(" ")
         try:
+            if self.allowed_hosts is not None and host_name(headers.get("host", "")) not in self.allowed_hosts:
+                # A page elsewhere whose name was re-pointed at this machine (DNS rebinding) sends its own name.
+                raise APIError(403, "this server does not answer to that host name", code="host_not_allowed")
             if (
                 self.api_key
                 and scope["path"] != "/health"

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.exceptions import HTTPException
@@ -17,7 +18,7 @@ from dsocr_mlx.processing import decode_image
 from . import remote
 from .guard import as_api_error, error_response
 from .protocol import APIError, ChatShapes, OCRRequest, ResponseShapes, parse_request, request_options
-from .serving import ocr_document, stream_request
+from .serving import check_document, document_text, ocr_document, stream_request
 from .worker import AsyncJob, InferenceWorker, JobCancelled
 
 
@@ -30,6 +31,12 @@ class ServerState:
     models: dict[str, str]  # name -> path or repo id
     default: str
     worker: InferenceWorker
+    checkers: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(2, thread_name_prefix="dsocr-check")
+    )
+    fetchers: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(4, thread_name_prefix="dsocr-fetch")
+    )
 
 
 def state(request: Request) -> ServerState:
@@ -63,20 +70,39 @@ def read_url(s: ServerState, url: str) -> bytes:
     return remote.fetch_url(url, max_bytes=s.limits["max_body_mb"] << 20, timeout=10.0)
 
 
-def load_inputs(s: ServerState, req: OCRRequest) -> tuple[list, bytes | None]:
-    """The request's images, decoded, or its one PDF. Runs in a thread pool: fetching and decoding stay off
-    the event loop and the inference thread."""
-    data = [read_url(s, u) for u in req.image_urls + req.files]
+def check_inputs(s: ServerState, sources: list[bytes | str]) -> tuple[list[bytes], bytes | None]:
+    """The request's images (fetched bytes or ``data:`` URLs), checked from their headers, or its one PDF,
+    checked. Remote fetches run on a pool of their own, so slow hosts never hold up ``data:`` requests."""
+    data = [read_url(s, d) if isinstance(d, str) else d for d in sources]
     pdfs = [d for d in data if d.startswith(b"%PDF-")]
     if pdfs and len(data) > 1:
         raise APIError(400, "a PDF must be the only file or image of its request", code="too_many_images")
-    return [decode_image(d, s.limits["max_image_pixels"]) for d in data if not pdfs], (pdfs or [None])[0]
+    for d in data:
+        check_document(d, s.limits["max_image_pixels"], None, s.limits["max_pdf_pages"])
+    return ([], pdfs[0]) if pdfs else (data, None)
+
+
+async def off_loop(pool: ThreadPoolExecutor, fn: Callable[..., Any], *args: Any) -> Any:
+    """Run ``fn`` on one of the server's bounded pools: fetching and checking stay off the event loop and
+    the inference thread, on a few threads (so a few malloc arenas)."""
+    return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+
+
+def require_type(request: Request, media_type: str) -> None:
+    """Refuse a body of another media type: a browser page elsewhere can send text/plain or a form to
+    this server without asking, but not JSON."""
+    got = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if got != media_type:
+        raise APIError(
+            415, f"send the body as {media_type} (got {got or 'no content type'})", code="unsupported_media_type"
+        )
 
 
 async def read_json(request: Request) -> dict:
+    require_type(request, "application/json")
     try:
         body = await request.json()
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested too deep to parse
         raise APIError(400, "the body is not valid JSON") from None
     if not isinstance(body, dict):
         raise APIError(400, "the body must be a JSON object")
@@ -90,19 +116,25 @@ async def submit(request: Request, key: str) -> tuple[OCRRequest, str, AsyncJob]
     name = pick_model(s, req.model)
     if len(req.image_urls) + len(req.files) > s.limits["max_images"]:
         raise APIError(400, f"at most {s.limits['max_images']} image(s) per request", code="too_many_images", param=key)
-    images, pdf_data = await asyncio.to_thread(load_inputs, s, req)
+    s.worker.check_room()  # a request that would get 429 costs nothing
+    urls = req.image_urls + req.files
+    fetched = {u: await off_loop(s.fetchers, read_url, s, u) for u in urls if not u.startswith("data:")}
+    encoded, pdf_data = await off_loop(s.checkers, check_inputs, s, [fetched.get(u) or u for u in urls])
 
     def work(model: Any, emit: Callable[[str], None]) -> list:
+        images = [decode_image(d, s.limits["max_image_pixels"]) for d in encoded]  # one job's pixels at a time
         return stream_request(model, images, pdf_data, req.options, emit, s.limits["max_pdf_pages"])
 
     return req, name, AsyncJob(s.worker, name, work, s.limits["request_timeout"])
 
 
-async def collect(request: Request, job: AsyncJob) -> str:
-    """The whole text of a job whose response is not streamed."""
-    text = "".join([t async for t in job.events(request.is_disconnected)])
+async def collect(request: Request, job: AsyncJob, output: str) -> str:
+    """The whole text of a job whose response is not streamed: its pages' final texts (after a retry,
+    only the retry's)."""
+    async for _ in job.events(request.is_disconnected):
+        pass
     request.state.tokens = sum(r.generated_tokens for r in job.result)
-    return text
+    return document_text(job.result, output)
 
 
 async def stream(
@@ -144,7 +176,7 @@ async def chat_completions(request: Request) -> Response:
     req, name, job = await submit(request, "messages")
     shapes = ChatShapes(name, req.include_usage)
     if not req.stream:
-        return JSONResponse(shapes.completion(await collect(request, job), job.result))
+        return JSONResponse(shapes.completion(await collect(request, job, req.options.output), job.result))
     return await stream(
         request,
         job,
@@ -160,13 +192,14 @@ async def responses(request: Request) -> Response:
     req, name, job = await submit(request, "input")
     shapes = ResponseShapes(name)
     if not req.stream:
-        return JSONResponse(shapes.response(await collect(request, job), job.result))
+        return JSONResponse(shapes.response(await collect(request, job, req.options.output), job.result))
     return await stream(request, job, shapes.opening(), shapes.delta, shapes.closing, shapes.error)
 
 
 async def ocr_upload(request: Request) -> Response:
     """``POST /v1/ocr``: a multipart ``file`` (image or PDF) and option fields; one result per image or page."""
     s = state(request)
+    require_type(request, "multipart/form-data")
     form = await request.form(max_files=1, max_fields=32)
     upload, fields = form.get("file"), {k: v for k, v in form.items() if isinstance(v, str)}
     if upload is None or isinstance(upload, str):
@@ -177,16 +210,13 @@ async def ocr_upload(request: Request) -> Response:
         implied["ref"] = fields["ref"]
     options = request_options(s.options, fields, s.limits["max_tokens_cap"], text=True, **implied)
     pages, source = fields.get("pages"), upload.filename or "upload"
+    s.worker.check_room()  # a request that would get 429 costs nothing
+    max_pixels, max_pages = s.limits["max_image_pixels"], s.limits["max_pdf_pages"]
+    await off_loop(s.checkers, check_document, data, max_pixels, pages, max_pages)
 
     def work(model: Any, emit: Callable[[str], None]) -> list[dict]:
         results = ocr_document(
-            model,
-            data,
-            options,
-            max_pixels=s.limits["max_image_pixels"],
-            pages=pages,
-            max_pages=s.limits["max_pdf_pages"],
-            on_text=emit,
+            model, data, options, max_pixels=max_pixels, pages=pages, max_pages=max_pages, on_text=emit
         )
         return [r.to_dict() | {"source": source} for r in results]
 

@@ -87,7 +87,8 @@ def _split_content(content: Any, key: str) -> tuple[str, list[str], list[str]]:
                 raise APIError(400, "an image part needs an image_url (a data: or http(s) URL)", param=key)
             images.append(url)
         elif kind in ("input_file", "file"):
-            data = (part.get("file") or {}).get("file_data") if kind == "file" else part.get("file_data")
+            holder = part.get("file") if kind == "file" else part
+            data = holder.get("file_data") if isinstance(holder, dict) else None
             if not isinstance(data, str):
                 raise APIError(400, "a file part needs file_data (a base64 data: URL)", param=key)
             files.append(data)
@@ -120,7 +121,7 @@ def request_options(
         if fields.get(name) is not None:
             values["max_new_tokens"] = coerce("max_new_tokens", fields[name], text)
             if values["max_new_tokens"] < 1:
-                raise OptionError("max_new_tokens", f"'{name}' must be a positive integer")
+                raise OptionError("max_new_tokens", "must be a positive integer")
         # The OpenAI ranges of these two fields.
         if not 0 <= values.get("temperature", 0) <= 2:
             raise OptionError("temperature", "'temperature' must be between 0 and 2")
@@ -128,7 +129,9 @@ def request_options(
             raise OptionError("stop", "'stop' must be a string or a list of up to 4 strings")
         options = base.merged(**values)
     except OptionError as e:
-        raise APIError(400, str(e), param=name if e.option == "max_new_tokens" else e.option) from None
+        if e.option == "max_new_tokens":  # the client named it max_tokens (or one of its aliases)
+            raise APIError(400, f"'{name}' must be a positive integer", param=name) from None
+        raise APIError(400, str(e), param=e.option) from None
     return options.merged(max_new_tokens=min(options.max_new_tokens, max_tokens_cap))
 
 
@@ -151,9 +154,9 @@ def parse_request(body: dict, key: str, base: OCROptions, max_tokens_cap: int) -
         implied = dict(task=task or base.task or "markdown", ref=text or None)
     else:
         implied = dict(prompt=text if "<image>" in text else "<image>\n" * len(images + files) + text)
-    if stream:  # streamed text cannot be taken back, so a loop ends the stream with finish reason "repetition"
-        implied["retry_on_repetition"] = False
     options = request_options(base, body, max_tokens_cap, **implied)
+    if stream:  # streamed text cannot be taken back, so a loop ends the stream with finish reason "repetition"
+        options = options.merged(retry_on_repetition=False)
     stream_options = _get(body, "stream_options", dict, {})
     return OCRRequest(
         _get(body, "model", str), images, files, options, stream, bool(stream_options.get("include_usage"))

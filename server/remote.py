@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import http.client
 import ipaddress
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Callable
 from urllib.parse import urljoin, urlsplit
@@ -36,12 +38,38 @@ def resolve_host(host: str, port: int) -> list[str]:
     return [info[4][0] for info in infos]
 
 
+_EMBEDDING_IPV4 = (
+    ipaddress.ip_network("::/96"),  # IPv4-compatible (deprecated): ::a.b.c.d
+    ipaddress.ip_network("::ffff:0:0:0/96"),  # IPv4-translated: ::ffff:0:a.b.c.d
+    ipaddress.ip_network("64:ff9b::/96"),  # NAT64, well-known prefix
+    ipaddress.ip_network("64:ff9b:1::/48"),  # NAT64, local use
+)
+
+
 def is_public_address(address: str) -> bool:
-    """False for loopback, private, link-local, shared, multicast, reserved and unspecified addresses."""
+    """False for loopback, private, link-local, shared, multicast, reserved, unspecified and site-local
+    addresses, and for IPv6 addresses that carry a non-public IPv4 address (mapped, compatible,
+    translated, NAT64, 6to4) or hide one (Teredo)."""
     ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if ip.version == 6 and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    if ip.version == 6:
+        if ip.is_site_local or ip.teredo is not None:
+            return False
+        embedded = ip.ipv4_mapped or ip.sixtofour
+        if embedded is None and any(ip in net for net in _EMBEDDING_IPV4):
+            embedded = ipaddress.IPv4Address(int(ip) & 0xFFFF_FFFF)  # the last 32 bits
+        if embedded is not None:
+            return is_public_address(str(embedded))
     return ip.is_global and not ip.is_multicast
+
+
+def normalise_host(host: str) -> str:
+    """The ASCII form of a host name (IDNA, as the resolver sees it: "①②⑦.⓪.⓪.①" is 127.0.0.1)."""
+    if host.isascii():
+        return host
+    try:
+        return host.encode("idna").decode("ascii")
+    except UnicodeError:
+        raise ValueError("the image URL's host is not a valid host name") from None
 
 
 class _PinnedHTTPConnection(http.client.HTTPConnection):
@@ -63,6 +91,13 @@ class _PinnedHTTPSConnection(http.client.HTTPSConnection):
     def connect(self) -> None:
         sock = socket.create_connection((self.address, self.port), self.timeout)
         self.sock = self._context.wrap_socket(sock, server_hostname=self.host)  # certificate checked for the name
+
+
+def _shut_down(conn: http.client.HTTPConnection) -> None:
+    sock = conn.sock
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
 
 
 def fetch_url(
@@ -94,11 +129,17 @@ def fetch_url(
             port = parts.port or (443 if parts.scheme == "https" else 80)
         except ValueError:
             raise ValueError("the image URL has an invalid port") from None
-        addresses = resolve(parts.hostname, port)
+        host = normalise_host(parts.hostname)
+        addresses = resolve(host, port)
         if not addresses or not all(allowed(a) for a in addresses):
-            raise ValueError(f"the image URL's host {parts.hostname!r} resolves to a private or local address")
+            raise ValueError(f"the image URL's host {host!r} resolves to a private or local address")
         cls = _PinnedHTTPSConnection if parts.scheme == "https" else _PinnedHTTPConnection
-        conn = cls(parts.hostname, port, addresses[0], timeout=max(0.1, deadline - time.monotonic()))
+        conn = cls(host, port, addresses[0], timeout=max(0.1, deadline - time.monotonic()))
+        # Socket timeouts bound each read, not the fetch: a server dripping a byte at a time would hold it
+        # for ever. At the deadline the socket is shut down, which ends any read in progress.
+        watchdog = threading.Timer(max(0.0, deadline - time.monotonic()), _shut_down, (conn,))
+        watchdog.daemon = True
+        watchdog.start()
         try:
             path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
             conn.request("GET", path, headers={"User-Agent": "dsocr-mlx", "Accept": "image/*"})
@@ -112,15 +153,22 @@ def fetch_url(
             if declared and declared.isdigit() and int(declared) > max_bytes:
                 raise ValueError(f"the image at the URL is larger than {max_bytes} bytes")
             body = bytearray()
-            while chunk := response.read(65536):
+            while chunk := response.read1(65536):
                 body += chunk
                 if len(body) > max_bytes:
                     raise ValueError(f"the image at the URL is larger than {max_bytes} bytes")
                 if time.monotonic() > deadline:
-                    raise ValueError(f"fetching the image URL took longer than {timeout:g}s")
+                    break
+            if time.monotonic() > deadline:
+                raise ValueError(f"fetching the image URL took longer than {timeout:g}s")
             return bytes(body)
-        except (OSError, http.client.HTTPException) as e:
+        except (OSError, http.client.HTTPException, ValueError) as e:
+            if time.monotonic() >= deadline:
+                raise ValueError(f"fetching the image URL took longer than {timeout:g}s") from None
+            if isinstance(e, ValueError):
+                raise
             raise ValueError(f"cannot fetch the image URL ({type(e).__name__})") from None
         finally:
+            watchdog.cancel()
             conn.close()
     raise ValueError(f"the image URL redirects more than {max_redirects} times")

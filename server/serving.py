@@ -7,6 +7,8 @@ final text, the same text :meth:`OCRModel.ocr` returns for the same options.
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -14,8 +16,8 @@ from typing import Any
 
 from dsocr_mlx import pdf
 from dsocr_mlx.options import OCROptions
-from dsocr_mlx.pipeline import OCRResult
-from dsocr_mlx.processing import decode_image
+from dsocr_mlx.pipeline import OCRResult, join_pages
+from dsocr_mlx.processing import check_image, decode_image
 
 
 def stream_page(
@@ -24,11 +26,35 @@ def stream_page(
     """Run one generation, passing each token's client text delta (often empty) to ``on_delta``."""
     result = None
     for response in model.stream_ocr(images or None, options=options, page=page):
-        # Called for every token, even with nothing to show: it is where a cancelled job stops.
+        # Called for every token, even with nothing to show: it is where a cancelled job stops. After a
+        # retry the deltas start again (only a non-streamed response retries, and it sends the result).
         on_delta(response.output)
         result = response.result or result
     assert result is not None, "stream_ocr ends with a result"
+    result.image = None  # responses need the text, blocks and usage; the page's pixels go now
     return result
+
+
+UPLOADS = Path(tempfile.gettempdir()) / "dsocr-uploads"  # one folder per server process, named by its pid
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale_uploads() -> None:
+    """Remove the upload folders of server processes that are gone (killed before they could clean up)."""
+    if not UPLOADS.is_dir():
+        return
+    for folder in UPLOADS.iterdir():
+        if folder.name.isdigit() and int(folder.name) != os.getpid() and not _alive(int(folder.name)):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -37,7 +63,8 @@ def pdf_upload(data: bytes, max_pages: int, pages: str | None = None) -> Iterato
 
     Error messages say "the PDF" rather than the temporary file's name.
     """
-    with tempfile.TemporaryDirectory(prefix="dsocr-") as tmp:
+    (UPLOADS / str(os.getpid())).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="upload-", dir=UPLOADS / str(os.getpid())) as tmp:
         path = Path(tmp) / "upload.pdf"
         path.write_bytes(data)
         try:
@@ -47,6 +74,29 @@ def pdf_upload(data: bytes, max_pages: int, pages: str | None = None) -> Iterato
             yield path
         except ValueError as e:
             raise ValueError(str(e).replace(str(path), "the PDF")) from None
+
+
+def check_document(data: bytes, max_pixels: int, pages: str | None, max_pages: int) -> None:
+    """Refuse an upload before it is queued: an image from its header (format, pixels), a PDF from its
+    page count and selection. The pixels are decoded only when the job runs, so the requests waiting in
+    the queue hold compressed bytes, not decoded pages.
+
+    Raises:
+        ValueError: an unreadable image or PDF, too many pixels, a bad page selection, too many pages.
+    """
+    if not data.startswith(b"%PDF-"):
+        check_image(data, max_pixels)
+        return
+    with pdf_upload(data, max_pages, pages):
+        pass
+
+
+def document_text(results: list[OCRResult], output: str) -> str:
+    """What a request's streamed text adds up to: one image's final text, or a PDF's pages each followed
+    by the official page separator."""
+    if len(results) == 1 and results[0].page is None:
+        return results[0].output_text(output)
+    return join_pages(results, output=output)
 
 
 def stream_request(
@@ -81,11 +131,7 @@ def ocr_document(
     max_pages: int = pdf.MAX_PAGES,
     on_text: Callable[[str], None] | None = None,
 ) -> list[OCRResult]:
-    """OCR of an uploaded image, or of an uploaded PDF's pages.
-
-    Raises:
-        ValueError: an unreadable image or PDF, too many pixels, or more than ``max_pages`` pages selected.
-    """
+    """OCR of an uploaded image, or of an uploaded PDF's pages (checked by :func:`check_document`)."""
     if not data.startswith(b"%PDF-"):
         return [model.ocr(decode_image(data, max_pixels), options=options, on_text=on_text)]
     with pdf_upload(data, max_pages, pages) as path:

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import gc
 import logging
 import math
 import queue
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -22,6 +24,25 @@ logger = logging.getLogger(__name__)
 
 Emit = Callable[[Any], None]
 Work = Callable[[Any, Emit], Any]  # (model, emit) -> result, run on the worker thread
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+_TRIM = _malloc_trim()
+
+
+def release_freed_memory() -> None:
+    """Give the memory freed by a job (decoded pages, activations) back to the system: glibc keeps it
+    in its arenas otherwise, and a server's resident size stays at its peak while idle."""
+    if _TRIM is not None:
+        _TRIM(0)
 
 
 class QueueFull(RuntimeError):
@@ -118,8 +139,16 @@ class InferenceWorker:
         try:
             self.queue.put_nowait(job)
         except queue.Full:
-            raise QueueFull(max(1, math.ceil(self._mean_seconds * (self.queue.qsize() + 1)))) from None
+            raise QueueFull(self._retry_after()) from None
         return job
+
+    def check_room(self) -> None:
+        """Raise :class:`QueueFull` now if a job submitted now would be refused (before any costly work)."""
+        if self.queue.full():
+            raise QueueFull(self._retry_after())
+
+    def _retry_after(self) -> int:
+        return max(1, math.ceil(self._mean_seconds * (self.queue.qsize() + 1)))
 
     def _current_cancel(self) -> None:
         job = self._job
@@ -141,12 +170,21 @@ class InferenceWorker:
             raise ModelLoadError(f"the model {name!r} could not be loaded") from None
         self.resident, self.state, self.error = name, "ready", None
 
+    def _next(self) -> Job | None:
+        """The next job; while none comes, the memory its predecessor's requests freed goes back to the
+        system (the last references to a request's pages drop after its job, on other threads)."""
+        try:
+            return self.queue.get(timeout=1.0)
+        except queue.Empty:
+            release_freed_memory()
+            return self.queue.get()
+
     def _run(self) -> None:
         try:
             self._load(self.default)
         except ModelLoadError:
             pass
-        while (job := self.queue.get()) is not None:
+        while (job := self._next()) is not None:
             if job.cancelled.is_set():  # its client left while it waited
                 continue
             start = time.monotonic()
@@ -165,6 +203,7 @@ class InferenceWorker:
                     job.sink(("error", e))
             finally:
                 self.busy, self._job = False, None
+                release_freed_memory()
                 self._mean_seconds = 0.8 * self._mean_seconds + 0.2 * (time.monotonic() - start)
 
 
@@ -190,22 +229,29 @@ class AsyncJob:
         self.job.cancelled.set()
 
     async def events(
-        self, is_disconnected: Callable[[], Awaitable[bool]] | None = None, poll: float = 0.5
+        self, is_disconnected: Callable[[], Awaitable[bool]] | None = None, poll: float = 0.25
     ) -> AsyncIterator[Any]:
         """Yield the job's events; afterwards ``self.result`` holds what the work returned.
+
+        ``is_disconnected`` is asked every ``poll`` seconds, whether events are flowing or not, so a
+        client that leaves frees the worker within a token or two of that.
 
         Raises:
             The job's exception, :class:`JobTimeout` past the deadline, or :class:`JobCancelled`
             when ``is_disconnected`` reports the client gone (the job is then cancelled).
         """
         getter: asyncio.Future | None = None
+        asked = time.monotonic()
         try:
             while True:
                 # asyncio.wait leaves the getter running on timeout (wait_for would cancel it and could drop an item).
                 getter = getter or asyncio.ensure_future(self.events_queue.get())
-                if not (await asyncio.wait({getter}, timeout=poll))[0]:
-                    if is_disconnected is not None and await is_disconnected():
+                ready = (await asyncio.wait({getter}, timeout=poll))[0]
+                if is_disconnected is not None and time.monotonic() - asked >= poll:
+                    asked = time.monotonic()
+                    if await is_disconnected():
                         raise JobCancelled()
+                if not ready:
                     # The worker enforces the deadline at each token; this covers a job stuck between tokens.
                     if time.monotonic() > self.job.deadline + 5.0:
                         raise JobTimeout()

@@ -8,7 +8,7 @@ import json
 import sys
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 from typer.testing import CliRunner
@@ -93,7 +93,7 @@ def test_the_config_template_documents_every_config_option_and_loads(tmp_path):
     path = tmp_path / "config.toml"
     path.write_text(uncommented)
     loaded = load_settings(path)
-    assert loaded.ocr == OCROptions(seed=0, no_repeat_ngram_size=30, ngram_window=90)
+    assert loaded.ocr == OCROptions(task="markdown", ref="total", seed=0, no_repeat_ngram_size=30, ngram_window=90)
 
 
 def test_a_bad_config_value_names_the_file_and_setting(tmp_path):
@@ -185,8 +185,13 @@ PIECES = [
     "<|ref|>image<|/ref|><|det|>[[50, 60, 700, 800]]<|/det|>",
     "<|ref|>title<|/ref|><|det|>[[5, 5, 900, 90]]<|/det|>\n",
     "<|ref|>",
+    "<|re",  # with the next piece, joins into a span once the span between them is removed
+    "f|>x<|/ref|><|det|>d<|/det|>",
+    "<|ref|>x<|/ref|><|det|>d<|/det|>",
     "END",
     "EN",
+    "</table>",
+    "</tab",
 ]
 
 
@@ -195,7 +200,21 @@ PIECES = [
     parts=st.lists(st.sampled_from(PIECES), min_size=1, max_size=14),
     page=st.sampled_from([None, 0, 3]),
     output=st.sampled_from(["markdown", "raw", "json"]),
-    stop=st.sampled_from([(), ("END",)]),
+    stop=st.sampled_from([(), ("END",), ("</table>", "END")]),
+)
+@example(parts=["Some cells here", "\n", "</tab", "le>"], page=None, output="markdown", stop=("</table>",))
+@example(
+    parts=[
+        "<|re",
+        "<|ref|>text<|/ref|><|det|>[[1, 2, 3, 4]]<|/det|>",
+        "f|>x<|/ref|><|det|>d<|/det|>",
+        " later ",
+        "<|ref|>x<|/ref|><|det|>d<|/det|>",
+        " tail",
+    ],
+    page=None,
+    output="markdown",
+    stop=(),
 )
 def test_streamed_client_text_adds_up_to_the_final_text(tokenizer, parts, page, output, stop):
     model = scripted_model(tokenizer, "".join(parts))
@@ -277,6 +296,7 @@ def test_every_config_option_reaches_every_endpoint(tokenizer, tmp_path):
 
     config = {
         "task": "free",
+        "ref": "total",
         "mode": "small",
         "max_new_tokens": 7,
         "temperature": 0.5,
@@ -330,3 +350,24 @@ def test_the_backend_contract(tiny_model, tiny_ckpt):
     fields = {f.name for f in dataclasses.fields(OCROptions)}
     assert {"ignore_eos", "output"} <= fields
     json.dumps(OCROptions().to_dict())
+
+
+def test_text_stream_holds_whitespace_before_a_stop_string_and_joined_spans():
+    from dsocr_mlx.textstream import TextStream, final_text
+
+    stream, out, raw = TextStream("markdown", stop=["</table>"]), "", ""
+    for piece in ["Some cells here", "\n", "</", "table"]:
+        raw += piece
+        out += stream.feed(raw)
+    assert out == "Some cells here"  # the newline before the stop string is not sent
+    assert stream.finish(final_text("Some cells here", "markdown")) == ""
+
+    span = "<|ref|>text<|/ref|><|det|>[[1, 2, 3, 4]]<|/det|>"
+    later = "<|ref|>x<|/ref|><|det|>d<|/det|>"
+    pieces = ["<|re", span, "f|>x<|/ref|><|det|>d<|/det|>", " later ", later, " tail"]
+    stream, out, raw = TextStream("markdown"), "", ""
+    for piece in pieces:
+        raw += piece
+        out += stream.feed(raw)
+    out += stream.finish(final_text(raw.strip(), "markdown"))
+    assert out == final_text(raw.strip(), "markdown") == " later  tail"

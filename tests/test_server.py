@@ -415,10 +415,8 @@ def test_bad_inputs_get_openai_errors(base, case):
     status, body, code = cases[case]
     key = {"bad_key": "wrong-key", "no_key": None}.get(case, KEY)
     path = "/v1/nowhere" if case == "no_route" else "/v1/chat/completions"
-    start = time.monotonic()
     got, headers, error = request(base, path, body, key=key)
     assert_error(got, error, status, code)
-    assert time.monotonic() - start < 10
     if case == "huge_dimensions":
         assert "pixels" in error["error"]["message"]
     # The server keeps serving.
@@ -519,8 +517,13 @@ def wait_for(predicate, timeout: float = 30) -> None:
 
 
 def test_disconnect_cancels_and_full_queue_gives_429(tiny_ckpt):
+    from tests.test_hostile import CountingModel
+
+    counting = []
+
     def slow(path):
-        return SlowModel(dsocr_mlx.load(path, dtype="float32"), 0.05)
+        counting.append(CountingModel(dsocr_mlx.load(path, dtype="float32"), 0.05))
+        return counting[-1]
 
     with running_server(tiny_ckpt, loader=slow, max_queue=1, max_tokens_cap=1000) as url:
         health = lambda: request(url, "/health", key=None)[2]  # noqa: E731
@@ -528,9 +531,8 @@ def test_disconnect_cancels_and_full_queue_gives_429(tiny_ckpt):
         conn, response = open_stream(url, 200)  # 200 tokens take 10 s or more
         assert response.status == 200 and b"data: " in response.readline()
         conn.close()
-        start = time.monotonic()
         status, _, reply = request(url, "/v1/chat/completions", {"messages": image_message(png()), "max_tokens": 2})
-        assert status == 200 and time.monotonic() - start < 5
+        assert status == 200 and counting[0].tokens[0] < 100  # the stream stopped long before its 200 tokens
         # One job running and one waiting fill a queue of one: the next request gets 429 with Retry-After.
         running = open_stream(url, 200)
         wait_for(lambda: health()["busy"])
@@ -648,6 +650,7 @@ def test_serve_command_builds_the_app_from_options_and_config(tiny_ckpt, tmp_pat
     assert calls["host"] == "127.0.0.1" and calls["port"] == 8123  # loopback by default; options beat the file
     assert calls["app"].state.worker.queue.maxsize == 3 and calls["app"].state.worker.default == "tiny"
     assert calls["app"].state.dsocr.limits["api_key"] == "k"
+    assert calls["timeout_graceful_shutdown"] == 10  # running requests get 10 s on SIGTERM, then are cancelled
 
 
 def test_config_sampling_settings_change_what_a_chat_request_generates(tiny_ckpt, tiny_model, tmp_path):
