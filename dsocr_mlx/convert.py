@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import ModelArgs
-from .files import check_output_folder, is_within, staged_folder
+from .files import check_output_folder, same_or_inside, staged_folder
 from .hub import resolve_model_path
 from .progress import Progress
 from .weights import CONVERTED_FORMAT
@@ -44,6 +44,13 @@ def _model_card(src: str, dtype: str, quantization: dict | None) -> str:
         '```python\nimport dsocr_mlx\nmodel = dsocr_mlx.load("PATH_OR_REPO")\n'
         'print(model.ocr("page.png").text)\n```\n'
     )
+
+
+def _is_conversion(folder: Path) -> bool:
+    try:
+        return "dsocr_format" in json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return False
 
 
 def convert(
@@ -93,9 +100,14 @@ def convert(
     # replaces DST only when complete.
     folder = resolve_model_path(src)
     dst = Path(dst).expanduser()
-    if is_within(dst, folder) or is_within(folder, dst):
+    if same_or_inside(dst, folder) or same_or_inside(folder, dst):
         raise ValueError(f"the output {dst} is, or is inside, or contains the source {folder}: choose another folder")
     check_output_folder(dst, overwrite)
+    if dst.is_dir() and any(dst.iterdir()) and not _is_conversion(dst):
+        raise FileExistsError(
+            f"{dst} is not empty and is not an earlier `dsocr convert` output, so overwrite does not replace it: "
+            "choose a new or empty folder"
+        )
     config_path = folder / "config.json"
     args = ModelArgs.from_file(config_path)
     raw_config = json.loads(config_path.read_text())

@@ -68,8 +68,8 @@ _TEMPLATE = """# dsocr configuration (created with the defaults; edit and uncomm
 # allow_remote_images = false
 # cors_origins = []
 # allow_model_switch = true
-# allowed_hosts = []                  # Host names answered besides the bound address ("*": any); on a
-#                                     # loopback address only loopback names are answered by default
+# allowed_hosts = []                  # host names answered besides IP addresses and localhost ("*": any),
+#                                     # e.g. the name a reverse proxy passes on; others get 403 (DNS rebinding)
 # shutdown_timeout = 10               # seconds running requests get to finish on Ctrl-C or SIGTERM
 
 # [server.models]                     # extra models a request may name: name = "repo id or folder"

@@ -70,9 +70,15 @@ def create_app(settings: Settings | None = None, loader: Callable[[str], Any] | 
         await asyncio.to_thread(worker.stop)
 
     check_api_key(limits["api_key"])
-    hosts = allowed_hosts(limits["host"], limits["allowed_hosts"])
+    hosts = allowed_hosts(limits["allowed_hosts"])
     middleware = [
-        Middleware(Guard, api_key=limits["api_key"], max_body=limits["max_body_mb"] << 20, allowed_hosts=hosts)
+        Middleware(
+            Guard,
+            api_key=limits["api_key"],
+            max_body=limits["max_body_mb"] << 20,
+            allowed_hosts=hosts,
+            cors_origins=limits["cors_origins"],
+        )
     ]
     if limits["cors_origins"]:  # outside Guard, so that preflight requests need no key
         middleware.insert(

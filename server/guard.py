@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import logging
 import time
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 from starlette.responses import JSONResponse
 
@@ -49,15 +51,25 @@ def host_name(header: str) -> str:
     return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
 
 
-def allowed_hosts(bind: str, names: list[str]) -> frozenset[str] | None:
-    """The Host names the server answers: on a loopback address its loopback names plus ``names``; on
-    another address any name, unless ``names`` lists them. None means any."""
+def allowed_hosts(names: list[str]) -> frozenset[str] | None:
+    """The host names the server answers besides IP addresses (which DNS rebinding cannot use): the
+    loopback names plus ``names``. None (``"*"`` in ``names``) means any."""
     if "*" in names:
         return None
-    loopback = bind in LOOPBACK_NAMES or bind.startswith("127.")
-    if not loopback and not names:
-        return None
-    return frozenset(n.lower() for n in names) | (LOOPBACK_NAMES | {bind} if loopback else {bind.lower()})
+    return LOOPBACK_NAMES | {n.lower() for n in names}
+
+
+def is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def same_origin(origin: str, host: str) -> bool:
+    """Whether a browser's ``Origin`` names this server as the ``Host`` header does."""
+    return urlsplit(origin).netloc.lower() == host.strip().lower()
 
 
 def check_api_key(key: str) -> None:
@@ -69,8 +81,16 @@ def check_api_key(key: str) -> None:
 class Guard:
     """Outermost checks: API key (constant-time), body size, one access-log line, and no traceback out."""
 
-    def __init__(self, app: Any, api_key: str, max_body: int, allowed_hosts: frozenset[str] | None = None):
+    def __init__(
+        self,
+        app: Any,
+        api_key: str,
+        max_body: int,
+        allowed_hosts: frozenset[str] | None = None,
+        cors_origins: list[str] | tuple[str, ...] = (),
+    ):
         self.app, self.api_key, self.max_body, self.allowed_hosts = app, api_key, max_body, allowed_hosts
+        self.cors_origins = frozenset(o.rstrip("/").lower() for o in cors_origins)
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -91,9 +111,23 @@ class Guard:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         scheme, _, key = headers.get("authorization", "").partition(" ")
         try:
-            if self.allowed_hosts is not None and host_name(headers.get("host", "")) not in self.allowed_hosts:
+            name = host_name(headers.get("host", ""))
+            if self.allowed_hosts is not None and name not in self.allowed_hosts and not is_ip(name):
                 # A page elsewhere whose name was re-pointed at this machine (DNS rebinding) sends its own name.
-                raise APIError(403, "this server does not answer to that host name", code="host_not_allowed")
+                raise APIError(
+                    403,
+                    f"this server does not answer to the host name {name[:60]!r}; add it to [server] allowed_hosts",
+                    code="host_not_allowed",
+                )
+            origin = headers.get("origin", "")
+            if (
+                scope["method"] not in ("GET", "HEAD", "OPTIONS")
+                and origin
+                and not same_origin(origin, headers.get("host", ""))
+                and origin.rstrip("/").lower() not in self.cors_origins
+            ):
+                # A page on another site can post a form here without asking first; the browser says so.
+                raise APIError(403, "cross-site requests are refused; add the site to cors_origins", code="cross_site")
             if (
                 self.api_key
                 and scope["path"] != "/health"

@@ -119,7 +119,7 @@ async def submit(request: Request, key: str) -> tuple[OCRRequest, str, AsyncJob]
     s.worker.check_room()  # a request that would get 429 costs nothing
     urls = req.image_urls + req.files
     fetched = {u: await off_loop(s.fetchers, read_url, s, u) for u in urls if not u.startswith("data:")}
-    encoded, pdf_data = await off_loop(s.checkers, check_inputs, s, [fetched.get(u) or u for u in urls])
+    encoded, pdf_data = await off_loop(s.checkers, check_inputs, s, [fetched[u] if u in fetched else u for u in urls])
 
     def work(model: Any, emit: Callable[[str], None]) -> list:
         images = [decode_image(d, s.limits["max_image_pixels"]) for d in encoded]  # one job's pixels at a time

