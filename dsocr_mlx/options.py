@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,14 +88,11 @@ class OCROptions:
     )
 
     def __post_init__(self) -> None:
-        stop = self.stop
-        if isinstance(stop, str):
-            stop = (stop,)
-        if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
-            raise OptionError("stop", f"stop must be a list of strings, got {self.stop!r}")
-        object.__setattr__(self, "stop", tuple(s for s in stop if s))
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
         for f in dataclasses.fields(self):
             object.__setattr__(self, f.name, coerce(f.name, getattr(self, f.name)))
+        object.__setattr__(self, "stop", tuple(s for s in self.stop if s))
         if self.prompt is not None and self.task is not None:
             raise OptionError("prompt", "give either a prompt or a task, not both")
         if self.prompt is None:
@@ -209,14 +207,12 @@ def coerce(name: str, value: Any, text: bool = False) -> Any:
     ]
     if text and isinstance(value, str) and kind is not str:
         raw = value.strip()
+        if kind is tuple:
+            return (raw,) if raw else ()
+        if kind is bool and raw.lower() not in ("true", "false", "1", "0"):
+            raise OptionError(name, f"{name} must be {want}, got {_shown(value)}")
         try:
-            if kind is bool:
-                if raw.lower() not in ("true", "false", "1", "0"):
-                    raise ValueError(raw)
-                return raw.lower() in ("true", "1")
-            if kind is tuple:
-                return (raw,) if raw else ()
-            return kind(raw)
+            value = raw.lower() in ("true", "1") if kind is bool else kind(raw)
         except ValueError:
             raise OptionError(name, f"{name} must be {want}, got {_shown(value)}") from None
     ok = {
@@ -229,6 +225,8 @@ def coerce(name: str, value: Any, text: bool = False) -> Any:
     if not ok(value):
         raise OptionError(name, f"{name} must be {want}, got {_shown(value)}")
     if kind is float:
+        if not math.isfinite(value):  # NaN passes every range check: refuse it and the infinities here
+            raise OptionError(name, f"{name} must be a finite number, got {_shown(value)}")
         return float(value)
     if kind is tuple:
         return tuple(value)

@@ -490,24 +490,24 @@ class _Drip:
                 self.sent += 1
                 time.sleep(0.2)
 
+    def fetch(self, timeout: float) -> bytes:
+        """A fetch of this server through the real fetcher, its name resolved to loopback."""
+        from dsocr_server import remote
+
+        loopback = dict(resolve=lambda h, p: ["127.0.0.1"], allowed=lambda a: a == "127.0.0.1")
+        return remote.fetch_url(f"http://drip.test:{self.port}/a.png", max_bytes=1000, timeout=timeout, **loopback)
+
     def __exit__(self, *exc):
         self.stop.set()
         self.sock.close()
 
 
 def test_a_dripping_server_cannot_hold_a_fetch_past_its_deadline():
-    from dsocr_server import remote
 
     with _Drip() as drip:
         with pytest.raises(ValueError, match="took longer than 1s"):
             # 140 bytes at 5 a second take 28 s; the fetch's one deadline is 1 s.
-            remote.fetch_url(
-                f"http://drip.test:{drip.port}/a.png",
-                max_bytes=1000,
-                timeout=1,
-                resolve=lambda h, p: ["127.0.0.1"],
-                allowed=lambda a: a == "127.0.0.1",
-            )
+            drip.fetch(timeout=1)
         assert drip.sent < 40  # cut off after about 5 bytes, not after all 140
 
 
@@ -786,18 +786,11 @@ def test_remote_paths_are_percent_encoded_and_an_empty_body_is_fetched_once(tiny
 
 
 def test_a_redirect_near_the_deadline_cannot_extend_the_fetch():
-    from dsocr_server import remote
 
     with _Drip() as drip:
         drip.redirect_after = 0.9  # hop 1 answers just before the deadline; hop 2 drips its status line
         with pytest.raises(ValueError, match="took longer than 1s"):
-            remote.fetch_url(
-                f"http://drip.test:{drip.port}/a.png",
-                max_bytes=1000,
-                timeout=1,
-                resolve=lambda h, p: ["127.0.0.1"],
-                allowed=lambda a: a == "127.0.0.1",
-            )
+            drip.fetch(timeout=1)
         assert drip.sent < 10  # the second hop was cut off at the deadline, not read to its end
 
 
@@ -823,3 +816,26 @@ def test_a_slow_name_server_cannot_extend_the_fetch():
             )
     finally:
         release.set()
+
+
+def test_nan_and_infinite_numbers_are_refused_everywhere(tiny_ckpt, tmp_path, monkeypatch):
+    from dsocr_mlx.options import OCROptions, OptionError
+
+    for value in (float("nan"), float("inf")):
+        with pytest.raises(OptionError, match="finite"):
+            OCROptions(temperature=value)  # NaN passes every range check: 0 <= NaN is False, NaN < 0 too
+    monkeypatch.setattr(dsocr_mlx, "load", lambda *a, **k: pytest.fail("the model must not load"))
+    monkeypatch.setenv("DSOCR_CONFIG", str(tmp_path / "c.toml"))
+    page = tmp_path / "p.png"
+    Image.new("RGB", (32, 32)).save(page)
+    result = invoke("ocr", str(page), "--repetition-penalty", "nan")
+    assert result.exit_code == 2 and "finite" in result.stderr
+    kit = server_kit()
+    body = json.dumps({"messages": kit.image_message(kit.png()), "top_p": 0.5}).replace("0.5", "NaN").encode()
+    with kit.running_server(tiny_ckpt) as url:
+        status, _, error = kit.request(url, "/v1/chat/completions", body)  # Python's json reads NaN
+        kit.assert_error(status, error, 400)
+        form, ctype = kit.multipart({"repetition_penalty": "inf"}, ("scan.png", kit.png()))
+        status, _, error = kit.request(url, "/v1/ocr", form, headers={"Content-Type": ctype})
+        kit.assert_error(status, error, 400)
+        assert error["error"]["param"] == "repetition_penalty"
