@@ -287,22 +287,24 @@ def bench(
 @app.command("make-test-model")
 def make_test_model(
     dst: Annotated[Path, typer.Argument(help="Folder to write.")],
-    size: Annotated[str, Opt(help="tiny (a few MB) or full (the real 3.3B shapes, 6.7 GB).")] = "tiny",
+    size: Annotated[str, Opt(help="tiny (a few MB) or full (the real shapes: 6.7 GB).")] = "tiny",
+    family: Annotated[str, Opt(help="deepseek-ocr or deepseek-ocr-2.")] = "deepseek-ocr",
     layers: Annotated[int, Opt(help="Decoder layers (default: 2 tiny, 12 full).")] = 0,
     seed: Annotated[int, Opt(help="Random seed.")] = 0,
     overwrite: Annotated[bool, Opt(help="Replace DST if it exists.")] = False,
 ) -> None:
     """Write a random checkpoint with the real tensor names and shapes, for tests and benchmarks."""
-    from .random_checkpoint import PRESETS, write_random_checkpoint
+    from .random_checkpoint import preset_args, write_random_checkpoint
 
-    if size not in PRESETS:
-        raise _fail(f"unknown size {size!r}: choose {' or '.join(PRESETS)}", 2)
-    args = PRESETS[size](layers) if layers else PRESETS[size]()
+    try:
+        args = preset_args(size, family, layers or None)
+    except ValueError as e:
+        raise _fail(str(e), 2) from None
     try:
         write_random_checkpoint(dst, args, seed=seed, overwrite=overwrite)
     except (FileExistsError, ImportError, ValueError) as e:
         raise _fail(str(e)) from None
-    typer.echo(f"wrote {dst}")
+    typer.echo(f"wrote {dst} ({args.family_name})")
 
 
 if __name__ == "__main__":

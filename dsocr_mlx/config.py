@@ -1,7 +1,8 @@
 """Backend-neutral model configuration read from the Hugging Face ``config.json``.
 
-Every value the official code hardcodes (SAM ViT-B, CLIP-L, the linear projector) has the real
-number as its default, so the real config loads as is and tests can shrink any tower.
+Every value the official code hardcodes (SAM ViT-B, CLIP-L, the Qwen2-0.5B encoder of DeepSeek-OCR-2,
+the linear projector) has the real number as its default, so the real configs load as they are and
+tests can shrink any tower. The family (DeepSeek-OCR or DeepSeek-OCR-2) is read from the config.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .modes import FAMILY_NAMES, OCR1, OCR2
 
 
 def _from_dict(cls, params: dict[str, Any]):
@@ -85,6 +88,71 @@ class ClipArgs:
     @property
     def num_positions(self) -> int:
         return self.grid * self.grid + 1
+
+
+@dataclass
+class Qwen2EncoderArgs:
+    """DeepSeek-OCR-2's Qwen2-0.5B used as a vision encoder (``model.qwen2_model``).
+
+    The official code hardcodes these (``CustomQwen2Decoder``); config.json gives only the width.
+    """
+
+    hidden_size: int = 896
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 14
+    num_key_value_heads: int = 2
+    intermediate_size: int = 4864
+    rope_theta: float = 1_000_000.0
+    rms_norm_eps: float = 1e-6
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"Qwen2 encoder width {self.hidden_size} is not divisible by its {self.num_attention_heads} heads"
+            )
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"Qwen2 encoder heads {self.num_attention_heads} are not a multiple of its "
+                f"{self.num_key_value_heads} key/value heads"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+# DeepSeek-OCR-2's learnt query tables, one per view size (pixels): query_768 for a tile, query_1024
+# for the global view, one query per output token ((size / 64) ** 2 of them).
+QUERY_VIEWS = (768, 1024)
+
+
+def detect_family(config: dict[str, Any]) -> str:
+    """``deepseek-ocr`` or ``deepseek-ocr-2`` from a ``config.json``: its architectures, model type and
+    vision encoder name (the official upload, mlx-vlm's and transformers' conversions).
+
+    Raises:
+        ValueError: the fields contradict each other.
+    """
+    arch = " ".join(str(a) for a in config.get("architectures") or [])
+    vision = config.get("vision_config") or {}
+    votes = set()
+    if "OCR2" in arch or "Ocr2" in arch:
+        votes.add(OCR2)
+    elif "OCR" in arch or "Ocr" in arch:
+        votes.add(OCR1)
+    if str(config.get("model_type", "")).replace("_", "").replace("-", "") in ("deepseekocr2", "deepseekocr2vl"):
+        votes.add(OCR2)
+    name = str(vision.get("model_name", ""))
+    if name == "deepencoderv2" or "qwen2-0-5b" in (vision.get("width") or {}):
+        votes.add(OCR2)
+    elif name == "deepencoder" or "clip-l-14-224" in (vision.get("width") or {}):
+        votes.add(OCR1)
+    if len(votes) > 1:
+        raise ValueError(
+            f"config.json mixes DeepSeek-OCR and DeepSeek-OCR-2 (architectures {arch or 'unset'}, vision encoder "
+            f"{name or 'unset'}); re-download the model or fix the file"
+        )
+    return votes.pop() if votes else OCR1
 
 
 @dataclass
@@ -165,19 +233,76 @@ class TextArgs:
 
 @dataclass
 class ModelArgs:
-    """The whole DeepSeek-OCR model: vision towers, projector, decoder, and special-token ids."""
+    """The whole model: vision towers, projector, decoder, and special-token ids.
+
+    DeepSeek-OCR (``family="deepseek-ocr"``) reads SAM features through CLIP; DeepSeek-OCR-2 through the
+    Qwen2 encoder (``qwen2``), with ``clip`` None. ``ModelArgs.v2()`` builds the real DeepSeek-OCR-2 one.
+    """
 
     sam: SamArgs = field(default_factory=SamArgs)
-    clip: ClipArgs = field(default_factory=ClipArgs)
+    clip: ClipArgs | None = field(default_factory=ClipArgs)
     projector: ProjectorArgs = field(default_factory=ProjectorArgs)
     text: TextArgs = field(default_factory=TextArgs)
+    family: str = OCR1
+    qwen2: Qwen2EncoderArgs | None = None
     image_token_id: int = 128815
     # Present only in folders written by our converter (and in mlx-vlm's); None for the original layout.
     quantization: dict | None = None
     converted_format: str | None = None
     converted_dtype: str | None = None
 
+    @classmethod
+    def v2(cls, **changes: Any) -> ModelArgs:
+        """The real DeepSeek-OCR-2 config (SAM with net_3 to 896, the Qwen2 encoder, a 896 -> 1280 projector)."""
+        qwen2 = Qwen2EncoderArgs()
+        base = dict(
+            family=OCR2,
+            sam=SamArgs(downsample_channels=(512, qwen2.hidden_size)),
+            clip=None,
+            qwen2=qwen2,
+            projector=ProjectorArgs(input_dim=qwen2.hidden_size),
+        )
+        return cls(**{**base, **changes})
+
+    @property
+    def is_v2(self) -> bool:
+        return self.family == OCR2
+
+    @property
+    def family_name(self) -> str:
+        return FAMILY_NAMES[self.family]
+
     def __post_init__(self):
+        if self.family not in FAMILY_NAMES:
+            raise ValueError(f"unknown model family {self.family!r}: one of {', '.join(FAMILY_NAMES)}")
+        if self.family == OCR2:
+            self._check_v2()
+        else:
+            self._check_v1()
+        if self.projector.n_embed != self.text.hidden_size:
+            raise ValueError(
+                f"projector n_embed {self.projector.n_embed} must equal the decoder hidden_size {self.text.hidden_size}"
+            )
+        if self.image_token_id >= self.text.vocab_size:
+            raise ValueError(f"image_token_id {self.image_token_id} is outside the vocabulary ({self.text.vocab_size})")
+
+    def _check_v2(self) -> None:
+        if self.qwen2 is None or self.clip is not None:
+            raise ValueError("DeepSeek-OCR-2 has a Qwen2 encoder (qwen2) and no CLIP tower (clip=None)")
+        if self.sam.output_channels != self.qwen2.hidden_size:
+            raise ValueError(
+                f"SAM output channels ({self.sam.output_channels}) must equal the Qwen2 encoder width "
+                f"({self.qwen2.hidden_size}): each SAM feature is one encoder token"
+            )
+        if self.projector.input_dim != self.qwen2.hidden_size:
+            raise ValueError(
+                f"projector input_dim {self.projector.input_dim} must equal the Qwen2 encoder width "
+                f"{self.qwen2.hidden_size}"
+            )
+
+    def _check_v1(self) -> None:
+        if self.clip is None or self.qwen2 is not None:
+            raise ValueError("DeepSeek-OCR has a CLIP tower (clip) and no Qwen2 encoder (qwen2=None)")
         if self.sam.output_channels != self.clip.width:
             raise ValueError(
                 f"SAM output channels ({self.sam.output_channels}, last of downsample_channels) must equal the "
@@ -188,17 +313,11 @@ class ModelArgs:
                 f"projector input_dim {self.projector.input_dim} must equal CLIP width {self.clip.width} + "
                 f"SAM output channels {self.sam.output_channels}"
             )
-        if self.projector.n_embed != self.text.hidden_size:
-            raise ValueError(
-                f"projector n_embed {self.projector.n_embed} must equal the decoder hidden_size {self.text.hidden_size}"
-            )
         if self.sam.grid // 4 != self.clip.grid:
             raise ValueError(
                 f"the SAM map at image_size {self.sam.image_size} ({self.sam.grid // 4} per side after net_2/net_3) "
                 f"must match the CLIP position grid ({self.clip.grid} per side)"
             )
-        if self.image_token_id >= self.text.vocab_size:
-            raise ValueError(f"image_token_id {self.image_token_id} is outside the vocabulary ({self.text.vocab_size})")
 
     @classmethod
     def from_dict(cls, config: dict[str, Any]) -> ModelArgs:
@@ -209,15 +328,28 @@ class ModelArgs:
         vision = config.get("vision_config") or {}
         widths = vision.get("width") or {}
         sam = dict(widths.get("sam_vit_b") or {})
-        clip = dict(widths.get("clip-l-14-224") or {})
         # Tiny test configs may carry the sizes the official code hardcodes.
         sam.update(vision.get("sam_overrides") or {})
-        clip.update(vision.get("clip_overrides") or {})
+        family = detect_family(config)
+        towers: dict[str, Any] = {}
+        if family == OCR2:
+            qwen2 = {"hidden_size": (widths.get("qwen2-0-5b") or {}).get("dim", 896)}
+            qwen2.update(vision.get("qwen2_overrides") or {})
+            towers["qwen2"] = _from_dict(Qwen2EncoderArgs, qwen2)
+            towers["clip"] = None
+            # The official code hardcodes net_3 to the encoder width; config.json still says 1024 there.
+            first = (sam.get("downsample_channels") or (512,))[0]
+            sam["downsample_channels"] = (first, towers["qwen2"].hidden_size)
+        else:
+            clip = dict(widths.get("clip-l-14-224") or {})
+            clip.update(vision.get("clip_overrides") or {})
+            towers["clip"] = _from_dict(ClipArgs, clip)
         return cls(
             sam=_from_dict(SamArgs, sam),
-            clip=_from_dict(ClipArgs, clip),
             projector=_from_dict(ProjectorArgs, config.get("projector_config") or {}),
             text=_from_dict(TextArgs, text),
+            family=family,
+            **towers,
             image_token_id=int(config.get("image_token_id", 128815)),
             quantization=config.get("quantization"),
             converted_format=config.get("dsocr_format"),
@@ -242,27 +374,35 @@ class ModelArgs:
         """The config in the HF layout, so a generated checkpoint reads back through ``from_dict``."""
         text = dataclasses.asdict(self.text)
         sam = dataclasses.asdict(self.sam)
-        clip = dataclasses.asdict(self.clip)
+        sam_keys = ("width", "layers", "heads", "global_attn_indexes", "downsample_channels")
+        vision: dict[str, Any] = {
+            "model_type": "vision",
+            "image_size": self.sam.image_size,
+            "width": {"sam_vit_b": {k: sam[k] for k in sam_keys}},
+            "sam_overrides": {
+                k: sam[k]
+                for k in ("window_size", "patch_size", "image_size", "mlp_ratio", "out_chans", "layer_norm_eps")
+            },
+        }
+        if self.is_v2:
+            qwen2 = dataclasses.asdict(self.qwen2)
+            architecture = "DeepseekOCR2ForCausalLM"
+            vision["model_name"] = "deepencoderv2"
+            vision["width"]["qwen2-0-5b"] = {"dim": qwen2.pop("hidden_size")}
+            vision["qwen2_overrides"] = qwen2
+        else:
+            clip = dataclasses.asdict(self.clip)
+            architecture = "DeepseekOCRForCausalLM"
+            vision["width"]["clip-l-14-224"] = {
+                k: clip[k] for k in ("width", "layers", "heads", "image_size", "patch_size")
+            }
+            vision["clip_overrides"] = {k: clip[k] for k in ("intermediate_size", "layer_norm_eps")}
         out = {
             "model_type": "deepseek_vl_v2",
-            "architectures": ["DeepseekOCRForCausalLM"],
+            "architectures": [architecture],
             "language_config": {"model_type": "deepseek_v2", **text},
             "projector_config": {"model_type": "mlp_projector", **dataclasses.asdict(self.projector)},
-            "vision_config": {
-                "model_type": "vision",
-                "image_size": self.sam.image_size,
-                "width": {
-                    "sam_vit_b": {
-                        k: sam[k] for k in ("width", "layers", "heads", "global_attn_indexes", "downsample_channels")
-                    },
-                    "clip-l-14-224": {k: clip[k] for k in ("width", "layers", "heads", "image_size", "patch_size")},
-                },
-                "sam_overrides": {
-                    k: sam[k]
-                    for k in ("window_size", "patch_size", "image_size", "mlp_ratio", "out_chans", "layer_norm_eps")
-                },
-                "clip_overrides": {k: clip[k] for k in ("intermediate_size", "layer_norm_eps")},
-            },
+            "vision_config": vision,
             **text,
         }
         for key in ("global_attn_indexes", "downsample_channels"):

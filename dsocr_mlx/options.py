@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import pdf
-from .modes import MODES
+from .modes import MODES, mode_help
 from .sampling import IMAGE_NGRAM, PDF_NGRAM, SamplingParams
 
 TASKS = {
@@ -57,7 +57,9 @@ class OCROptions:
         None, "a custom prompt with one <image> per image; replaces the task", config=False, request=False
     )
     ref: str | None = _option(None, "the text to find, for task locate", request=False, example="total")
-    mode: str = _option("gundam", f"{', '.join(MODES)} (gundam: a 1024 view plus 640 tiles)")
+    mode: str | None = _option(
+        None, f"the resolution mode (unset: the model's official one). {mode_help()}", example="gundam"
+    )
     max_new_tokens: int = _option(8192, "the most tokens generated per image or page")
     temperature: float = _option(0.0, "0 = greedy (the official setting)")
     top_p: float = _option(1.0, "nucleus sampling mass, in (0, 1]")
@@ -110,8 +112,8 @@ class OCROptions:
                     raise OptionError(name, f"{name} is not valid Unicode text (it holds a lone surrogate)") from None
         if self.seed is not None and not 0 <= self.seed < 2**64:
             raise OptionError("seed", f"seed must be between 0 and 2**64 - 1, got {self.seed}")
-        if self.mode not in MODES:
-            raise OptionError("mode", f"unknown mode {self.mode!r}: choose one of {', '.join(MODES)}")
+        if self.mode is not None and self.mode not in MODES:
+            raise OptionError("mode", f"unknown mode {self.mode!r}: {mode_help()}")
         if self.output not in OUTPUTS:
             raise OptionError("output", f"unknown output {self.output!r}: choose one of {', '.join(OUTPUTS)}")
         if self.max_new_tokens < 1:

@@ -20,7 +20,8 @@ from .backends import Runtime, check_dtype, get_backend
 from .config import ModelArgs
 from .files import staged_files
 from .hub import resolve_model_path
-from .options import DEFAULT_PROMPT, TASKS, OCROptions, build_prompt
+from .modes import family_mode
+from .options import DEFAULT_PROMPT, TASKS, OCROptions, OptionError, build_prompt
 from .processing import ImageInput, ProcessedInputs, load_image, prepare_inputs
 from .sampling import LoopDetector, Repetition
 from .tokenizer import EOS_TEXT, StreamingDetokenizer, Tokenizer
@@ -271,7 +272,7 @@ class Decoding:
 
 
 class OCRModel:
-    """DeepSeek-OCR on one backend, with the tokenizer and config it was loaded with."""
+    """DeepSeek-OCR or DeepSeek-OCR-2 on one backend, with the tokenizer and config it was loaded with."""
 
     def __init__(self, runtime: Runtime, tokenizer: Tokenizer, args: ModelArgs, path: Path | None = None):
         self.runtime = runtime
@@ -308,12 +309,34 @@ class OCRModel:
     def device(self) -> str:
         return self.runtime.device
 
+    @property
+    def family(self) -> str:
+        """``deepseek-ocr`` or ``deepseek-ocr-2``, as read from config.json."""
+        return self.args.family
+
+    def check_options(self, options: OCROptions) -> OCROptions:
+        """``options`` if they apply to this model; else :class:`OptionError` (a mode of the other family)."""
+        try:
+            family_mode(self.family, options.mode)
+        except ValueError as e:
+            raise OptionError("mode", str(e)) from None
+        return options
+
     def prepare(
-        self, image: ImageInput | list[ImageInput] | None, prompt: str = DEFAULT_PROMPT, mode: str = "gundam"
+        self, image: ImageInput | list[ImageInput] | None, prompt: str = DEFAULT_PROMPT, mode: str | None = None
     ) -> ProcessedInputs:
-        """Token ids, image mask, tile grid and pixels for ``prompt`` (one ``<image>`` per image)."""
+        """Token ids, image mask, tile grid and pixels for ``prompt`` (one ``<image>`` per image).
+
+        ``mode`` is one of this model's modes (None: the official one, ``gundam`` for DeepSeek-OCR and
+        ``default`` for DeepSeek-OCR-2).
+        """
         return prepare_inputs(
-            image, prompt, self.tokenizer, mode, self.args.image_token_id, self.args.text.bos_token_id
+            image,
+            prompt,
+            self.tokenizer,
+            family_mode(self.family, mode),
+            self.args.image_token_id,
+            self.args.text.bos_token_id,
         )
 
     def _image_embeddings(self, inputs: ProcessedInputs) -> Any:
@@ -385,7 +408,7 @@ class OCRModel:
             ``finish_reason`` and ``result``. After a loop with ``retry_on_repetition`` a ``restart``
             response says the text so far is discarded, and the retry follows.
         """
-        options = (options or OCROptions()).merged(prompt=prompt, **overrides)
+        options = self.check_options((options or OCROptions()).merged(prompt=prompt, **overrides))
         t0 = time.perf_counter()
         pil = [load_image(im) for im in _as_list(image)]
         if inputs is None:
@@ -495,7 +518,7 @@ class OCRModel:
         ban unless ``no_repeat_ngram_size`` is given, per-page figure names, blank-line collapse).
         ``pages`` (``"1-3,7"``) selects PDF pages.
         """
-        options = (options or OCROptions()).merged(prompt=prompt, **overrides)
+        options = self.check_options((options or OCROptions()).merged(prompt=prompt, **overrides))
         for item in inputs:
             if isinstance(item, (str, Path)) and pdf.is_pdf(item):
                 for index, page_image in pdf.render_pages(item, pages, options.dpi):

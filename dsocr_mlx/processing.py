@@ -15,12 +15,12 @@ from typing import Any, Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .modes import MODES, Mode
+from .modes import OCR1, Mode, family_mode
 
 IMAGE_TOKEN = "<image>"
 PATCH_SIZE = 16
 DOWNSAMPLE_RATIO = 4
-TILE_SIZE = 640
+TILE_SIZE = 640  # DeepSeek-OCR's gundam tiles; each Mode names its own
 MIN_TILES, MAX_TILES = 2, 9
 IMAGE_MEAN = (0.5, 0.5, 0.5)
 IMAGE_STD = (0.5, 0.5, 0.5)
@@ -40,7 +40,8 @@ class ProcessedInputs:
         images_seq_mask: ``(L,)`` bool, True at the image-token positions.
         images_spatial_crop: ``(n_images, 2)`` int64 ``[width_tiles, height_tiles]`` per image.
         global_pixels: ``(n_images, 3, S, S)`` float32 global views, normalised and rounded to bf16.
-        crop_pixels: ``(n_tiles, 3, 640, 640)`` float32 tiles of all images in order (0 rows if none).
+        crop_pixels: ``(n_tiles, 3, T, T)`` float32 tiles of all images in order (0 rows if none); T is
+            the mode's tile size (640 for DeepSeek-OCR's gundam, 768 for DeepSeek-OCR-2).
         image_sizes: ``(width, height)`` of each original image, for mapping boxes back.
         prompt: the formatted prompt text.
     """
@@ -58,13 +59,11 @@ class ProcessedInputs:
         return int(self.images_seq_mask.sum())
 
 
-def get_mode(mode: str | Mode) -> Mode:
+def get_mode(mode: str | Mode | None, family: str = OCR1) -> Mode:
+    """The :class:`Mode` named ``mode`` of the model ``family`` (None: its official default)."""
     if isinstance(mode, Mode):
         return mode
-    try:
-        return MODES[mode]
-    except KeyError:
-        raise ValueError(f"unknown mode {mode!r}: choose one of {', '.join(MODES)}") from None
+    return family_mode(family, mode)
 
 
 # Raster formats only: Pillow's other openers (EPS through Ghostscript, for one) are not for untrusted bytes.
@@ -181,7 +180,7 @@ def tile_grid(
     return _closest_aspect_ratio(width / height, ratios, width, height, tile)
 
 
-def split_tiles(img: Image.Image, grid: tuple[int, int], tile: int = TILE_SIZE) -> list[Image.Image]:
+def split_tiles(img: Image.Image, grid: tuple[int, int], tile: int) -> list[Image.Image]:
     cols, rows = grid
     resized = img.resize((tile * cols, tile * rows))
     return [
@@ -211,7 +210,17 @@ def num_queries(size: int) -> int:
 
 
 def image_token_count(grid: tuple[int, int], mode: Mode) -> int:
-    """Number of ``<image>`` placeholders for one image with tile grid ``(columns, rows)``."""
+    """Number of ``<image>`` placeholders for one image with tile grid ``(columns, rows)``.
+
+    With newlines (DeepSeek-OCR) each row of tokens ends with one more; without (DeepSeek-OCR-2) a view
+    of ``n x n`` tokens takes ``n * n``. Either way the global view is followed by one separator.
+    """
+    if not mode.newlines:
+        n_base, n_tile = num_queries(mode.base_size), num_queries(mode.image_size)
+        count = n_base * n_base + 1
+        if grid[0] > 1 or grid[1] > 1:
+            count += n_tile * n_tile * grid[0] * grid[1]
+        return count
     if not mode.crop_mode:
         n = num_queries(mode.image_size)
         return (n + 1) * n + 1
@@ -225,11 +234,12 @@ def image_token_count(grid: tuple[int, int], mode: Mode) -> int:
 def process_image(img: Image.Image, mode: Mode) -> tuple[np.ndarray, list[np.ndarray], tuple[int, int]]:
     """One image -> (global view CHW, tiles CHW, (columns, rows))."""
     if mode.crop_mode:
-        if img.width <= TILE_SIZE and img.height <= TILE_SIZE:
+        tile = mode.image_size
+        if img.width <= tile and img.height <= tile:
             grid, tiles = (1, 1), []
         else:
-            grid = tile_grid(img.width, img.height)
-            tiles = [normalize(t) for t in split_tiles(img, grid)]
+            grid = tile_grid(img.width, img.height, tile, mode.min_tiles, mode.max_tiles)
+            tiles = [normalize(t) for t in split_tiles(img, grid, tile)]
         global_view = ImageOps.pad(img, (mode.base_size, mode.base_size), color=PAD_COLOR)
         return normalize(global_view), tiles, grid
     view = img
@@ -243,9 +253,10 @@ def prepare_inputs(
     images: list[ImageInput] | ImageInput | None,
     prompt: str,
     tokenizer: Any,
-    mode: str | Mode = "gundam",
+    mode: str | Mode | None = None,
     image_token_id: int = 128815,
     bos_token_id: int = 0,
+    family: str = OCR1,
 ) -> ProcessedInputs:
     """Build the model inputs for ``prompt`` with one ``<image>`` placeholder per image.
 
@@ -253,12 +264,14 @@ def prepare_inputs(
         images: one image or a list, in the order of the ``<image>`` placeholders.
         prompt: the user prompt, e.g. ``"<image>\\n<|grounding|>Convert the document to markdown."``.
         tokenizer: an object with ``encode(text) -> list[int]`` (no special tokens added).
-        mode: ``tiny``, ``small``, ``base``, ``large`` or ``gundam``.
+        mode: a mode of the model ``family`` (None: its official default): DeepSeek-OCR's ``tiny``,
+            ``small``, ``base``, ``large``, ``gundam``; DeepSeek-OCR-2's ``default``.
+        family: ``deepseek-ocr`` or ``deepseek-ocr-2`` (:data:`~dsocr_mlx.modes.MODES_BY_FAMILY`).
 
     Returns:
         The :class:`ProcessedInputs` of the official ``plain`` template.
     """
-    mode = get_mode(mode)
+    mode = get_mode(mode, family)
     if images is None:
         images = []
     elif not isinstance(images, (list, tuple)):
@@ -297,7 +310,7 @@ def prepare_inputs(
         images_seq_mask=np.asarray(mask, dtype=bool),
         images_spatial_crop=np.asarray(grids, dtype=np.int64).reshape(-1, 2),
         global_pixels=(np.stack(globals_) if globals_ else np.zeros((0, 3, view, view), np.float32)),
-        crop_pixels=(np.stack(tiles) if tiles else np.zeros((0, 3, TILE_SIZE, TILE_SIZE), np.float32)),
+        crop_pixels=(np.stack(tiles) if tiles else np.zeros((0, 3, mode.image_size, mode.image_size), np.float32)),
         image_sizes=[(im.width, im.height) for im in pil_images],
         prompt=text,
     )

@@ -1,7 +1,8 @@
-"""Random DeepSeek-OCR checkpoints with the real tensor names and shapes, for tests and benchmarks.
+"""Random DeepSeek-OCR and DeepSeek-OCR-2 checkpoints with the real tensor names and shapes, for tests
+and benchmarks.
 
 Writes the original Hugging Face layout (config.json, bf16 safetensors, tokenizer files) at any size,
-from a tiny config that runs every code path in milliseconds to the real 3.3B parameters. Tensors are
+from a tiny config that runs every code path in milliseconds to the real 3.3B parameters (3.4B for v2). Tensors are
 generated and written one at a time, so a full-size checkpoint needs little memory.
 """
 
@@ -17,9 +18,24 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import ClipArgs, ModelArgs, ProjectorArgs, SamArgs, TextArgs
+from .config import ClipArgs, ModelArgs, ProjectorArgs, Qwen2EncoderArgs, SamArgs, TextArgs
 from .files import staged_folder
+from .modes import FAMILY_NAMES, OCR1, OCR2
 from .weights import checkpoint_shapes
+
+
+def _tiny_text(layers: int) -> TextArgs:
+    return TextArgs(
+        hidden_size=64,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        num_experts_per_tok=3,
+    )
 
 
 def tiny_args(layers: int = 2) -> ModelArgs:
@@ -29,17 +45,28 @@ def tiny_args(layers: int = 2) -> ModelArgs:
         sam=SamArgs(width=32, layers=2, heads=2, global_attn_indexes=(1,), out_chans=16, downsample_channels=(24, 48)),
         clip=ClipArgs(width=48, layers=2, heads=2, intermediate_size=96),
         projector=ProjectorArgs(input_dim=96, n_embed=64),
-        text=TextArgs(
-            hidden_size=64,
-            intermediate_size=128,
-            moe_intermediate_size=32,
-            num_hidden_layers=layers,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-            n_routed_experts=8,
-            n_shared_experts=1,
-            num_experts_per_tok=3,
+        text=_tiny_text(layers),
+    )
+
+
+def tiny_v2_args(layers: int = 2) -> ModelArgs:
+    """A few-MB DeepSeek-OCR-2 config: the real view sizes and query tables (144 and 256 queries),
+    narrow SAM, Qwen2 encoder (grouped-query attention kept) and decoder."""
+    qwen2 = Qwen2EncoderArgs(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64
+    )
+    return ModelArgs.v2(
+        sam=SamArgs(
+            width=32,
+            layers=2,
+            heads=2,
+            global_attn_indexes=(1,),
+            out_chans=16,
+            downsample_channels=(24, qwen2.hidden_size),
         ),
+        qwen2=qwen2,
+        projector=ProjectorArgs(input_dim=qwen2.hidden_size, n_embed=64),
+        text=_tiny_text(layers),
     )
 
 
@@ -49,7 +76,32 @@ def full_args(layers: int = 12) -> ModelArgs:
     return replace(args, text=replace(args.text, num_hidden_layers=layers))
 
 
-PRESETS = {"tiny": tiny_args, "full": full_args}
+def full_v2_args(layers: int = 12) -> ModelArgs:
+    """The real DeepSeek-OCR-2 config (``layers`` decoder layers; 12 is the real depth)."""
+    args = ModelArgs.v2()
+    return replace(args, text=replace(args.text, num_hidden_layers=layers))
+
+
+PRESETS = {
+    OCR1: {"tiny": tiny_args, "full": full_args},
+    OCR2: {"tiny": tiny_v2_args, "full": full_v2_args},
+}
+
+
+def preset_args(size: str = "tiny", family: str = OCR1, layers: int | None = None) -> ModelArgs:
+    """The ``tiny`` or ``full`` config of ``family`` (``deepseek-ocr`` or ``deepseek-ocr-2``).
+
+    Raises:
+        ValueError: an unknown size or family, or fewer than one layer.
+    """
+    if family not in PRESETS:
+        raise ValueError(f"unknown model family {family!r}: choose {' or '.join(FAMILY_NAMES)}")
+    if size not in PRESETS[family]:
+        raise ValueError(f"unknown size {size!r}: choose {' or '.join(PRESETS[family])}")
+    if layers is not None and layers < 1:
+        raise ValueError(f"a model needs at least one decoder layer, not {layers}")
+    make = PRESETS[family][size]
+    return make(layers) if layers else make()
 
 
 def _std(name: str, shape: tuple[int, ...]) -> tuple[float, float]:
@@ -73,7 +125,16 @@ def _std(name: str, shape: tuple[int, ...]) -> tuple[float, float]:
         return 0.0, 0.05
     if name.endswith(("pos_embed", "position_embedding.weight", "rel_pos_h", "rel_pos_w")):
         return 0.0, 0.3
-    if name.endswith(("class_embedding", "image_newline", "view_seperator", "embed_tokens.weight")):
+    if name.endswith(
+        (
+            "class_embedding",
+            "image_newline",
+            "view_seperator",
+            "embed_tokens.weight",
+            "query_768.weight",
+            "query_1024.weight",
+        )
+    ):
         return 0.0, 1.0
     if name == "lm_head.weight":
         return 0.0, 20.0 / math.sqrt(fan_in)

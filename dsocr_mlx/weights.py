@@ -1,7 +1,8 @@
 """The DeepSeek-OCR checkpoint layout: every tensor name and shape, and where the files are.
 
-``checkpoint_shapes(args)`` is the single source of truth for the original Hugging Face layout
-(checked against the real checkpoint's 2,710 tensors in the tests). Loaders validate a checkpoint
+``checkpoint_shapes(args)`` is the single source of truth for the original Hugging Face layouts
+(checked against the real checkpoints' tensors in the tests: 2,710 for DeepSeek-OCR, 2,707 for
+DeepSeek-OCR-2). Loaders validate a checkpoint
 against it before anything is built, so a bad file fails with the name of the offending tensor.
 """
 
@@ -35,8 +36,14 @@ CHECKPOINT_KEYS = [
     (r"model\.vision_model\.transformer\.layers\.N\.self_attn\.qkv_proj\.(weight|bias)", "CLIP fused qkv"),
     (r"model\.vision_model\.transformer\.layers\.N\.self_attn\.out_proj\.(weight|bias)", "CLIP attention output"),
     (r"model\.vision_model\.transformer\.layers\.N\.mlp\.fc[12]\.(weight|bias)", "CLIP MLP (quick GELU)"),
-    (r"model\.projector\.layers\.(weight|bias)",                          "linear projector 2048 -> 1280"),
-    (r"model\.image_newline",                                             "row separator of the image grids"),
+    (r"model\.qwen2_model\.model\.model\.layers\.N\.self_attn\.[qkv]_proj\.(weight|bias)", "OCR-2 Qwen2 encoder attention (GQA 14:2)"),
+    (r"model\.qwen2_model\.model\.model\.layers\.N\.self_attn\.o_proj\.weight", "OCR-2 Qwen2 encoder attention output"),
+    (r"model\.qwen2_model\.model\.model\.layers\.N\.mlp\.(gate|up|down)_proj\.weight", "OCR-2 Qwen2 encoder SwiGLU"),
+    (r"model\.qwen2_model\.model\.model\.layers\.N\.(input|post_attention)_layernorm\.weight", "OCR-2 Qwen2 RMSNorms"),
+    (r"model\.qwen2_model\.model\.model\.norm\.weight",                 "OCR-2 Qwen2 final RMSNorm"),
+    (r"model\.qwen2_model\.query_(768|1024)\.weight",                      "OCR-2 learnt queries: 144 per tile, 256 global"),
+    (r"model\.projector\.layers\.(weight|bias)",                          "linear projector 2048 (OCR-2: 896) -> 1280"),
+    (r"model\.image_newline",                                             "row separator of the image grids (not in OCR-2)"),
     (r"model\.view_seperator",                                            "(sic) separator after the global view"),
     (r"model\.embed_tokens\.weight",                                      "token embeddings"),
     (r"model\.layers\.N\.(input|post_attention)_layernorm\.weight",       "decoder RMSNorms (eps 1e-6)"),
@@ -65,7 +72,7 @@ EXPERT_KEY = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj
 
 def checkpoint_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
     """Every tensor of the original checkpoint for ``args``: name -> shape."""
-    s, c, p, t = args.sam, args.clip, args.projector, args.text
+    s = args.sam
     out: dict[str, tuple[int, ...]] = {}
     sam = "model.sam_model."
     out[sam + "patch_embed.proj.weight"] = (s.width, 3, s.patch_size, s.patch_size)
@@ -90,6 +97,38 @@ def checkpoint_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
     out[sam + "net_2.weight"] = (c2, s.out_chans, 3, 3)
     out[sam + "net_3.weight"] = (c3, c2, 3, 3)
 
+    if args.is_v2:
+        _qwen2_encoder_shapes(args, out)
+    else:
+        _clip_shapes(args, out)
+    _decoder_shapes(args, out)
+    return out
+
+
+def _qwen2_encoder_shapes(args: ModelArgs, out: dict[str, tuple[int, ...]]) -> None:
+    from .config import QUERY_VIEWS
+
+    q, p = args.qwen2, args.projector
+    d, kv = q.hidden_size, q.num_key_value_heads * q.head_dim
+    for i in range(q.num_hidden_layers):
+        b = f"model.qwen2_model.model.model.layers.{i}."
+        out[b + "self_attn.q_proj.weight"], out[b + "self_attn.q_proj.bias"] = (d, d), (d,)
+        for n in "kv":
+            out[b + f"self_attn.{n}_proj.weight"], out[b + f"self_attn.{n}_proj.bias"] = (kv, d), (kv,)
+        out[b + "self_attn.o_proj.weight"] = (d, d)
+        out[b + "mlp.gate_proj.weight"] = out[b + "mlp.up_proj.weight"] = (q.intermediate_size, d)
+        out[b + "mlp.down_proj.weight"] = (d, q.intermediate_size)
+        out[b + "input_layernorm.weight"] = out[b + "post_attention_layernorm.weight"] = (d,)
+    out["model.qwen2_model.model.model.norm.weight"] = (d,)
+    for size in QUERY_VIEWS:
+        out[f"model.qwen2_model.query_{size}.weight"] = ((size // 64) ** 2, d)
+    out["model.projector.layers.weight"] = (p.n_embed, p.input_dim)
+    out["model.projector.layers.bias"] = (p.n_embed,)
+    out["model.view_seperator"] = (p.n_embed,)
+
+
+def _clip_shapes(args: ModelArgs, out: dict[str, tuple[int, ...]]) -> None:
+    c, p = args.clip, args.projector
     vm = "model.vision_model."
     out[vm + "embeddings.class_embedding"] = (c.width,)
     out[vm + "embeddings.patch_embedding.weight"] = (c.width, 3, c.patch_size, c.patch_size)
@@ -111,6 +150,9 @@ def checkpoint_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
     out["model.projector.layers.bias"] = (p.n_embed,)
     out["model.image_newline"] = out["model.view_seperator"] = (p.n_embed,)
 
+
+def _decoder_shapes(args: ModelArgs, out: dict[str, tuple[int, ...]]) -> None:
+    t = args.text
     d = t.hidden_size
     out["model.embed_tokens.weight"] = (t.vocab_size, d)
     for i in range(t.num_hidden_layers):
@@ -137,7 +179,6 @@ def checkpoint_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
             out[b + prefix + "down_proj.weight"] = (d, width)
     out["model.norm.weight"] = (d,)
     out["lm_head.weight"] = (t.vocab_size, d)
-    return out
 
 
 def check_checkpoint(found: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]], source: str) -> None:

@@ -93,7 +93,9 @@ def test_the_config_template_documents_every_config_option_and_loads(tmp_path):
     path = tmp_path / "config.toml"
     path.write_text(uncommented)
     loaded = load_settings(path)
-    assert loaded.ocr == OCROptions(task="markdown", ref="total", seed=0, no_repeat_ngram_size=30, ngram_window=90)
+    assert loaded.ocr == OCROptions(
+        task="markdown", ref="total", mode="gundam", seed=0, no_repeat_ngram_size=30, ngram_window=90
+    )
 
 
 def test_a_bad_config_value_names_the_file_and_setting(tmp_path):

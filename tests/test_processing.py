@@ -16,8 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from dsocr_mlx.modes import MODES_BY_FAMILY, OCR1
 from dsocr_mlx.processing import (
-    MODES,
     PAD_COLOR,
     image_token_count,
     load_image,
@@ -28,6 +28,7 @@ from dsocr_mlx.processing import (
 from dsocr_mlx.random_checkpoint import tokenizer_files
 from dsocr_mlx.tokenizer import Tokenizer
 
+MODES = MODES_BY_FAMILY[OCR1]
 IMAGE_TOKEN_ID = 128815
 # The bf16 value of the normalised pad colour 127: (127/255 - 0.5) / 0.5 = -0.0039215684 -> bf16.
 PAD_BF16 = -0.003936767578125

@@ -14,7 +14,14 @@ import pytest
 
 from dsocr_mlx.config import ModelArgs
 from dsocr_mlx.processing import round_to_bfloat16
-from dsocr_mlx.random_checkpoint import full_args, random_tensor, tiny_args, write_random_checkpoint
+from dsocr_mlx.random_checkpoint import (
+    full_args,
+    full_v2_args,
+    random_tensor,
+    tiny_args,
+    tiny_v2_args,
+    write_random_checkpoint,
+)
 from dsocr_mlx.weights import (
     CHECKPOINT_KEYS,
     CONV_WEIGHTS,
@@ -74,17 +81,48 @@ def test_checkpoint_shapes_of_golden_checkpoint(golden_dir):
     assert sum(math.prod(s) for s in shapes.values()) == manifest["n_params"] == 1_232_623_360
 
 
+def test_checkpoint_shapes_equal_real_v2_tensor_list(reference_dir):
+    real = _read_weights_tsv(reference_dir.parent / "reference2" / "weights.tsv")
+    ours = checkpoint_shapes(ModelArgs.from_file(reference_dir.parent / "reference2" / "config.json"))
+    assert len(real) == 2707
+    assert sum(math.prod(s) for s in real.values()) == 3_389_119_360
+    assert sorted(set(ours) - set(real)) == [], "names the real checkpoint does not have"
+    assert sorted(set(real) - set(ours)) == [], "real tensors we do not expect"
+    assert ours == real
+    assert ours == checkpoint_shapes(full_v2_args())
+
+
+def test_checkpoint_shapes_of_golden2_checkpoint():
+    # golden2's make_checkpoint.py keeps decoder layers 0-2: 889 tensors, 1,285,636,480 parameters.
+    shapes = checkpoint_shapes(full_v2_args(3))
+    assert len(shapes) == 889
+    assert sum(math.prod(s) for s in shapes.values()) == 1_285_636_480
+
+
 def test_every_tensor_is_documented():
     patterns = [re.compile(p.replace("N", r"\d+").replace("E", r"\d+")) for p, _ in CHECKPOINT_KEYS]
-    shapes = checkpoint_shapes(full_args())
+    v1, v2 = checkpoint_shapes(full_args()), checkpoint_shapes(full_v2_args())
     used = set()
-    for name in shapes:
+    for name in {**v1, **v2}:
         hits = [i for i, p in enumerate(patterns) if p.fullmatch(name)]
         assert hits, f"{name} matches no CHECKPOINT_KEYS pattern"
         used.update(hits)
     assert used == set(range(len(patterns))), "some CHECKPOINT_KEYS patterns match no tensor"
-    assert set(CONV_WEIGHTS) <= set(shapes)
-    assert all(len(shapes[k]) == 4 for k in CONV_WEIGHTS)
+    assert set(CONV_WEIGHTS) <= set(v1) and set(CONV_WEIGHTS) - set(v1) == set()
+    assert all(len(v1[k]) == 4 for k in CONV_WEIGHTS)
+    assert all(len(v2[k]) == 4 for k in CONV_WEIGHTS if k in v2)
+    assert not any(k.startswith(("model.vision_model.", "model.image_newline")) for k in v2)
+
+
+def test_tiny_v2_layout_has_every_branch():
+    shapes = checkpoint_shapes(tiny_v2_args())
+    assert shapes["model.qwen2_model.query_768.weight"] == (144, 32)
+    assert shapes["model.qwen2_model.query_1024.weight"] == (256, 32)
+    assert shapes["model.qwen2_model.model.model.layers.1.self_attn.k_proj.weight"] == (16, 32)  # 2 of 4 heads
+    assert shapes["model.qwen2_model.model.model.layers.1.self_attn.k_proj.bias"] == (16,)
+    assert "model.qwen2_model.model.model.layers.1.self_attn.o_proj.bias" not in shapes
+    assert shapes["model.sam_model.net_3.weight"][0] == 32  # net_3 to the encoder width
+    assert shapes["model.projector.layers.weight"] == (64, 32)
 
 
 def test_tiny_layout_has_every_branch():

@@ -1,4 +1,5 @@
-"""DeepSeek-OCR in MLX: SAM + CLIP + projector composed into image embeddings, and the MoE decoder."""
+"""DeepSeek-OCR and DeepSeek-OCR-2 in MLX: the vision towers and projector composed into image
+embeddings (SAM + CLIP for v1, SAM + the Qwen2 encoder for v2), and the MoE decoder."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from .cache import KVCache, make_cache
 from .clip import ClipVisionTower
 from .decoder import DecoderLayer
 from .projector import Projector
+from .qwen2 import Qwen2Encoder
 from .sam import SamEncoder
 
 
@@ -22,10 +24,14 @@ class DeepseekOCRModel(nn.Module):
 
     def __init__(self, args: ModelArgs):
         super().__init__()
+        self.is_v2 = args.is_v2
         self.sam_model = SamEncoder(args.sam)
-        self.vision_model = ClipVisionTower(args.clip)
+        if args.is_v2:
+            self.qwen2_model = Qwen2Encoder(args.qwen2)
+        else:
+            self.vision_model = ClipVisionTower(args.clip)
+            self.image_newline = mx.zeros((args.projector.n_embed,))
         self.projector = Projector(args.projector)
-        self.image_newline = mx.zeros((args.projector.n_embed,))
         self.view_seperator = mx.zeros((args.projector.n_embed,))  # (sic) checkpoint name
         t = args.text
         self.embed_tokens = nn.Embedding(t.vocab_size, t.hidden_size)
@@ -34,7 +40,10 @@ class DeepseekOCRModel(nn.Module):
 
     def encode_view(self, pixels: mx.array) -> mx.array:
         """Pixels ``(B, S, S, 3)`` -> projected features ``(B, g, g, 1280)`` with ``g = S / 64``."""
-        sam = self.sam_model(pixels)  # (B, g, g, 1024)
+        sam = self.sam_model(pixels)  # (B, g, g, C)
+        if self.is_v2:
+            B, g, _, _ = sam.shape
+            return self.projector(self.qwen2_model(sam)).reshape(B, g, g, -1)
         B, g, _, C = sam.shape
         clip = self.vision_model(sam)[:, 1:]  # (B, g*g, 1024), class token dropped
         features = mx.concatenate([clip, sam.reshape(B, g * g, C)], axis=-1)  # CLIP first, as the reference
@@ -50,10 +59,13 @@ class DeepseekOCRModel(nn.Module):
         """All image-token embeddings of a prompt, in the order they are scattered into it.
 
         Per image: the local tile mosaic (newline after each full mosaic row), then the global view
-        (newline after each row), then ``view_seperator``.
+        (newline after each row), then ``view_seperator``. DeepSeek-OCR-2 has no newlines: each tile's
+        query outputs in row-major tile order, then the global view's.
         """
-        global_features = self.encode_view(global_pixels)
         tile_features = self.encode_view(crop_pixels) if crop_pixels is not None and crop_pixels.shape[0] else None
+        global_features = self.encode_view(global_pixels)
+        if self.is_v2:
+            return self._encode_images_v2(global_features, tile_features, crop_grid)
         pieces, tile = [], 0
         for i, (cols, rows) in enumerate(np.asarray(crop_grid).reshape(-1, 2).tolist()):
             if cols > 1 or rows > 1:
@@ -63,6 +75,19 @@ class DeepseekOCRModel(nn.Module):
                 mosaic = tiles.reshape(rows, cols, h2, w2, D).transpose(0, 2, 1, 3, 4).reshape(rows * h2, cols * w2, D)
                 pieces.append(self.with_newlines(mosaic))
             pieces.append(self.with_newlines(global_features[i]))
+            pieces.append(self.view_seperator.astype(global_features.dtype)[None])
+        return mx.concatenate(pieces, axis=0)
+
+    def _encode_images_v2(
+        self, global_features: mx.array, tile_features: mx.array | None, crop_grid: np.ndarray
+    ) -> mx.array:
+        D = global_features.shape[-1]
+        pieces, tile = [], 0
+        for i, (cols, rows) in enumerate(np.asarray(crop_grid).reshape(-1, 2).tolist()):
+            if cols > 1 or rows > 1:
+                pieces.append(tile_features[tile : tile + cols * rows].reshape(-1, D))
+                tile += cols * rows
+            pieces.append(global_features[i].reshape(-1, D))
             pieces.append(self.view_seperator.astype(global_features.dtype)[None])
         return mx.concatenate(pieces, axis=0)
 

@@ -55,7 +55,7 @@ class QuantPolicy:
     experts: bool = True  # the routed experts
     lm_head: bool = True
     embed_tokens: bool = False
-    vision: bool = False  # SAM and CLIP linear layers (convolutions always stay float)
+    vision: bool = False  # SAM, CLIP and Qwen2-encoder linear layers (convolutions always stay float)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -78,7 +78,7 @@ class QuantPolicy:
 _ATTENTION = re.compile(r"^model\.layers\.\d+\.self_attn\.[qkvo]_proj$")
 _MLP = re.compile(r"^model\.layers\.\d+\.mlp\.(shared_experts\.)?(gate|up|down)_proj$")
 _EXPERTS = re.compile(r"^model\.layers\.\d+\.mlp\.experts\.(gate|up|down)_proj$")
-_VISION = re.compile(r"^model\.(sam_model|vision_model)\..*")
+_VISION = re.compile(r"^model\.(sam_model|vision_model|qwen2_model)\..*")
 
 
 def quant_predicate(policy: QuantPolicy):
