@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from . import __version__
+from .modes import DEFAULT_MODE
 from .options import OCROptions
 from .pipeline import OCRModel
 
@@ -62,7 +63,7 @@ def peak_memory_gb(model: OCRModel) -> float:
     return rss * 1.073741824  # GiB -> GB
 
 
-def bench_options(mode: str, tokens: int) -> OCROptions:
+def bench_options(mode: str | None, tokens: int) -> OCROptions:
     """Exactly ``tokens`` tokens of the free task: EOS, loop detection and the n-gram ban off."""
     return OCROptions(
         task="free",
@@ -73,6 +74,12 @@ def bench_options(mode: str, tokens: int) -> OCROptions:
         retry_on_repetition=False,
         no_repeat_ngram_size=0,
     )
+
+
+def resolve_mode(model: OCRModel, mode: str | None) -> str:
+    """The mode's name on ``model`` (None: the model's official one); a mode of the other family is an error."""
+    model.check_options(OCROptions(mode=mode))
+    return mode or DEFAULT_MODE[model.family]
 
 
 def time_once(model: OCRModel, image: Image.Image, options: OCROptions) -> dict[str, float]:
@@ -173,7 +180,7 @@ def run_benchmark(
     model_path: str,
     backend: str = "mlx",
     dtype: str | None = None,
-    mode: str = "base",
+    mode: str | None = None,
     tokens: int = 32,
     trials: int = 2,
     image: Image.Image | None = None,
@@ -186,6 +193,7 @@ def run_benchmark(
     t = time.perf_counter()
     model = dsocr_mlx.load(model_path, backend=backend, dtype=dtype, device=device)
     load_s = time.perf_counter() - t
+    mode = resolve_mode(model, mode)
     image = image or page_image()
     time_once(model, image, bench_options(mode, min(tokens, 4)))  # warm-up: kernels, allocator, caches
     runs = [time_once(model, image, bench_options(mode, tokens)) for _ in range(trials)]
@@ -194,6 +202,7 @@ def run_benchmark(
     return {
         "settings": {
             "model": str(model_path),
+            "family": model.args.family_name,
             "mode": mode,
             "tokens": tokens,
             "trials": trials,
@@ -271,7 +280,7 @@ def run_pdf_benchmark(
     model_path: str,
     backend: str = "mlx",
     dtype: str | None = None,
-    mode: str = "gundam",
+    mode: str | None = None,
     pages: int = 4,
     tokens: int = 64,
     work_dir: Path | None = None,
@@ -290,6 +299,7 @@ def run_pdf_benchmark(
 
     OCROptions(mode=mode, max_new_tokens=tokens)  # a bad mode or token count fails before the model loads
     model = dsocr_mlx.load(model_path, backend=backend, dtype=dtype, device=device)
+    mode = resolve_mode(model, mode)
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
         path = Path(tmp) / "pages.pdf"
         save_images_as_pdf([page_image(seed=i) for i in range(pages)], path)

@@ -123,6 +123,10 @@ def ocr(
         if verbose:
             raise
         raise _fail(f"cannot load the model {m['path']}: {e}") from None
+    try:
+        loaded.check_options(options)  # e.g. a DeepSeek-OCR mode asked of DeepSeek-OCR-2
+    except OptionError as e:
+        raise _fail(f"--{e.option.replace('_', '-')}: {e}", 2) from None
     from .progress import Progress
 
     failures, done = [], 0
@@ -245,7 +249,13 @@ def bench(
     backend: Annotated[str, Opt(help="mlx, torch or auto (see PyTorch backend in README).")] = "auto",
     dtype: Annotated[str, Opt(help="auto, float16, bfloat16 or float32 (auto: float32 on a CPU).")] = "auto",
     device: Annotated[str, Opt(help="auto, cpu, cuda or cuda:N (PyTorch backend).")] = "auto",
-    mode: Annotated[str, Opt(help="tiny, small, base, large or gundam (tiled, several times slower).")] = "base",
+    mode: Annotated[
+        str | None,
+        Opt(
+            help="A mode of the model (default: its official one). DeepSeek-OCR: tiny, small, base, "
+            "large, gundam; DeepSeek-OCR-2: default."
+        ),
+    ] = None,
     tokens: Annotated[int, Opt(help="Tokens generated per trial (EOS ignored).")] = 32,
     trials: Annotated[int, Opt(help="Timed trials after one warm-up.")] = 2,
     out: Annotated[Path | None, Opt(help="Write bench.json, bench.md and bench.png here.")] = None,

@@ -8,10 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dsocr_mlx.random_checkpoint import tiny_args, write_random_checkpoint
+from dsocr_mlx.random_checkpoint import tiny_args, tiny_v2_args, write_random_checkpoint
 
 GOLDEN_ENV = "DSOCR_GOLDEN"  # ../shared/golden; set by .ci/run
 GOLDEN_CKPT_ENV = "DSOCR_GOLDEN_CKPT"  # the checkpoint its make_checkpoint.py writes
+GOLDEN2_ENV = "DSOCR_GOLDEN2"  # ../shared/golden2 (DeepSeek-OCR-2); set by .ci/run
+GOLDEN2_CKPT_ENV = "DSOCR_GOLDEN2_CKPT"
 
 
 def max_mean_diff(a, b) -> str:
@@ -47,6 +49,20 @@ def tiny_model(tiny_ckpt):
 
 
 @pytest.fixture(scope="session")
+def tiny_v2_ckpt(tmp_path_factory) -> Path:
+    """A tiny DeepSeek-OCR-2 checkpoint in the original HF layout (real view sizes and query tables)."""
+    return write_random_checkpoint(tmp_path_factory.mktemp("ckpt2") / "tiny-v2", tiny_v2_args(), seed=5)
+
+
+@pytest.fixture(scope="session")
+def tiny_v2_model(tiny_v2_ckpt):
+    pytest.importorskip("mlx.core")
+    import dsocr_mlx
+
+    return dsocr_mlx.load(str(tiny_v2_ckpt), backend="mlx", dtype="float32")
+
+
+@pytest.fixture(scope="session")
 def golden_dir() -> Path:
     value = os.environ.get(GOLDEN_ENV)
     if not value:
@@ -62,6 +78,25 @@ def golden_ckpt(golden_dir) -> Path:
     value = os.environ.get(GOLDEN_CKPT_ENV)
     if not value or not (Path(value) / "model.safetensors").is_file():
         pytest.fail(f"{GOLDEN_CKPT_ENV} must name the checkpoint written by {golden_dir}/make_checkpoint.py")
+    return Path(value)
+
+
+@pytest.fixture(scope="session")
+def golden2_dir() -> Path:
+    value = os.environ.get(GOLDEN2_ENV)
+    if not value:
+        pytest.skip(f"{GOLDEN2_ENV} is not set (point it at ../shared/golden2)")
+    path = Path(value)
+    if not (path / "cases.json").is_file():
+        pytest.fail(f"{GOLDEN2_ENV}={value} but {path / 'cases.json'} is missing")
+    return path
+
+
+@pytest.fixture(scope="session")
+def golden2_ckpt(golden2_dir) -> Path:
+    value = os.environ.get(GOLDEN2_CKPT_ENV)
+    if not value or not (Path(value) / "model.safetensors").is_file():
+        pytest.fail(f"{GOLDEN2_CKPT_ENV} must name the checkpoint written by {golden2_dir}/make_checkpoint.py")
     return Path(value)
 
 

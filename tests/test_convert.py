@@ -111,14 +111,20 @@ def test_shards_and_refusals(tiny_ckpt, tmp_path, inputs):
 
 
 def write_mlx_vlm_folder(src, dst, quantize_bits: int | None = None):
-    """A faithful copy of the layout mlx-vlm's converter writes for DeepSeek-OCR (its sanitize rules)."""
+    """A faithful copy of the layout mlx-vlm's converter writes for DeepSeek-OCR (``deepseekocr``) and
+    DeepSeek-OCR-2 (``deepseekocr_2``): its sanitize rules, and its quantizer skipping the vision towers."""
     weights = {}
     for f in sorted(src.glob("*.safetensors")):
         weights.update(mx.load(str(f)))
     ours = Model.sanitize(weights)
+    v2 = "model.qwen2_model.query_768.weight" in ours
     renamed = {}
     for key, value in ours.items():
-        if key == "lm_head.weight":
+        if key.startswith("model.qwen2_model.model.model."):
+            key = "vision_model.qwen2_encoder." + key[len("model.qwen2_model.model.model.") :]
+        elif key.startswith("model.qwen2_model.query_"):
+            key = "vision_model.qwen2_encoder." + key[len("model.qwen2_model.") : -len(".weight")]
+        elif key == "lm_head.weight":
             key = "language_model.lm_head.weight"
         elif key.startswith(("model.layers.", "model.embed_tokens.", "model.norm.")):
             key = "language_model." + key.replace(".mlp.experts.", ".mlp.switch_mlp.")
@@ -129,14 +135,16 @@ def write_mlx_vlm_folder(src, dst, quantize_bits: int | None = None):
         renamed[key] = value.astype(mx.float16)
     config = json.loads((src / "config.json").read_text())
     config["text_config"] = config.pop("language_config")
-    config["model_type"] = "deepseekocr"
+    config["model_type"] = "deepseekocr_2" if v2 else "deepseekocr"
     if quantize_bits:
-        # mlx-vlm quantizes every layer with to_quantized whose weight splits into groups of 64.
+        # mlx-vlm quantizes every layer with to_quantized whose weight splits into groups of 64; for
+        # deepseekocr_2 it skips the vision towers (SAM, the Qwen2 encoder) but not the projector.
         quantized = {}
         for key, value in renamed.items():
             path = key.rsplit(".", 1)[0]
             if (
-                key.endswith(".weight")
+                not (v2 and key.startswith(("sam_model.", "vision_model.")))
+                and key.endswith(".weight")
                 and value.ndim >= 2
                 and value.shape[-1] % 64 == 0
                 and "patch_embed" not in key
@@ -177,6 +185,42 @@ def test_mlx_vlm_folders_load_and_match(tiny_ckpt, tmp_path, inputs):
     # A converter of ours reads mlx-vlm folders as sources too.
     out = convert(tmp_path / "vlm", tmp_path / "from_vlm", dtype="float16", show_progress=False)
     np.testing.assert_array_equal(dsocr_mlx.load(str(out.path)).prefill_logits(inputs), reference)
+
+
+@pytest.fixture(scope="module")
+def v2_inputs(tiny_v2_model, sample_image):
+    return tiny_v2_model.prepare(sample_image, "<image>\nFree OCR.")
+
+
+def test_v2_mlx_vlm_folders_load_and_match(tiny_v2_ckpt, tmp_path, v2_inputs):
+    reference = dsocr_mlx.load(str(tiny_v2_ckpt), dtype="float16").prefill_logits(v2_inputs)
+    plain = dsocr_mlx.load(str(write_mlx_vlm_folder(tiny_v2_ckpt, tmp_path / "vlm")), dtype="float16")
+    assert plain.family == "deepseek-ocr-2"
+    np.testing.assert_array_equal(plain.prefill_logits(v2_inputs), reference)
+    q4 = dsocr_mlx.load(str(write_mlx_vlm_folder(tiny_v2_ckpt, tmp_path / "vlm4", quantize_bits=4)))
+    m = q4.runtime.model
+    assert isinstance(m.model.layers[1].self_attn.q_proj, nn.QuantizedLinear)
+    assert type(m.model.qwen2_model.model.model.layers[0].self_attn.q_proj) is nn.Linear  # vision kept float
+    assert np.corrcoef(q4.prefill_logits(v2_inputs), reference)[0, 1] > 0.9
+
+
+def test_v2_convert_round_trip_and_quantize(tiny_v2_ckpt, tiny_v2_model, tmp_path, v2_inputs):
+    out = convert(tiny_v2_ckpt, tmp_path / "f32", dtype="float32", show_progress=False)
+    converted = dsocr_mlx.load(str(out.path))
+    assert converted.family == "deepseek-ocr-2"
+    np.testing.assert_array_equal(converted.prefill_logits(v2_inputs), tiny_v2_model.prefill_logits(v2_inputs))
+    q8 = convert(tiny_v2_ckpt, tmp_path / "q8", q_bits=8, q_group_size=32, show_progress=False)
+    m = dsocr_mlx.load(str(q8.path)).runtime.model
+    assert isinstance(m.model.layers[1].mlp.experts.gate_proj, QuantizedSwitchLinear)
+    encoder = m.model.qwen2_model
+    assert type(encoder.model.model.layers[0].mlp.gate_proj) is nn.Linear  # the Qwen2 encoder stays float
+    assert type(encoder.query_768) is nn.Embedding and type(m.model.projector.layers) is nn.Linear
+    qv = convert(
+        tiny_v2_ckpt, tmp_path / "qv", q_bits=8, q_group_size=32, q_policy={"vision": True}, show_progress=False
+    )
+    m = dsocr_mlx.load(str(qv.path)).runtime.model
+    assert isinstance(m.model.qwen2_model.model.model.layers[0].mlp.gate_proj, nn.QuantizedLinear)
+    assert type(m.model.qwen2_model.query_1024) is nn.Embedding  # learnt queries are not linears
 
 
 def test_unknown_layout_names_what_was_found(tiny_ckpt, tmp_path):

@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from dsocr_mlx.modes import MODES_BY_FAMILY, OCR1
+from dsocr_mlx.modes import MODES_BY_FAMILY, OCR1, OCR2
 from dsocr_mlx.processing import (
     PAD_COLOR,
     image_token_count,
@@ -464,3 +464,67 @@ def test_prepare_inputs_reports_load_errors(tokenizer, tmp_path):
         prepare_inputs(tmp_path / "nope.png", "<image>", tokenizer, "tiny")
     with pytest.raises(ValueError, match="uint8"):
         prepare_inputs(np.zeros((8, 8, 3), np.float64), "<image>", tokenizer, "tiny")
+
+
+# ---------------------------------------------------------------------------------------------------
+# DeepSeek-OCR-2: one mode, 2-6 tiles of 768 (none when both sides are <= 768), no newlines
+
+
+def _v2(tokenizer, img, prompt="<image>\nFree OCR."):
+    return prepare_inputs(img, prompt, tokenizer, None, family=OCR2)
+
+
+@pytest.mark.parametrize("size", [(768, 768), (768, 100), (640, 560), (20, 30)])
+def test_v2_no_tiles_when_both_sides_fit(tokenizer, size):
+    p = _v2(tokenizer, np.full((size[1], size[0], 3), 90, np.uint8))
+    assert p.images_spatial_crop.tolist() == [[1, 1]]
+    assert p.crop_pixels.shape == (0, 3, 768, 768)
+    assert p.num_image_tokens == 257  # 16 x 16 global queries + the separator, no newlines
+    assert p.global_pixels.shape == (1, 3, 1024, 1024)
+    assert p.input_ids.tolist()[-4:] == tokenizer.encode("\nFree OCR.")
+
+
+@pytest.mark.parametrize(
+    "size, grid",
+    [((769, 768), (2, 2)), ((768, 769), (2, 2)), ((1600, 1100), (3, 2)), ((800, 2000), (1, 3)), ((2400, 600), (4, 1))],
+)
+def test_v2_tiles_one_pixel_past_768(tokenizer, size, grid):
+    p = _v2(tokenizer, np.full((size[1], size[0], 3), 90, np.uint8))
+    wc, hc = grid
+    assert p.images_spatial_crop.tolist() == [[wc, hc]]
+    assert p.crop_pixels.shape == (wc * hc, 3, 768, 768)
+    assert p.num_image_tokens == 257 + 144 * wc * hc
+    assert image_token_count(grid, MODES_BY_FAMILY[OCR2]["default"]) == 257 + 144 * wc * hc
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(769, 6000), st.integers(1, 6000))
+def test_v2_tile_grid_matches_official_rule(width, height):
+    mode = MODES_BY_FAMILY[OCR2]["default"]
+    cols, rows = tile_grid(width, height, mode.image_size, mode.min_tiles, mode.max_tiles)
+    assert 2 <= cols * rows <= 6  # never one tile
+    assert (cols, rows) == _official_grid(width, height, 768, 2, 6)
+
+
+@pytest.mark.parametrize("size, grid", [((1250, 1000), (2, 2)), ((1500, 1200), (3, 2))])
+def test_v2_aspect_tie_goes_to_the_larger_grid_only_with_the_pixels(size, grid):
+    # aspect 1.25 sits halfway between 2x2 (1.0) and 3x2 (1.5): 3x2 wins iff w*h > 0.5 * 768^2 * 6
+    assert tile_grid(*size, 768, 2, 6) == grid == _official_grid(*size, 768, 2, 6)
+
+
+@pytest.mark.parametrize("size, first_row", [((1200, 625), 246), ((1500, 500), 342)])
+def test_v2_pad_offset_rounds_half_to_even(tokenizer, size, first_row):
+    """ImageOps.pad centres with round((1024 - side) / 2): a 491 margin starts the image at 246, not 245."""
+    p = _v2(tokenizer, np.full((size[1], size[0], 3), 250, np.uint8))
+    column = p.global_pixels[0, 0, :, 512]
+    assert column[first_row - 1] == PAD_BF16 and column[first_row] > 0.9
+
+
+def test_v2_rejects_the_v1_modes_and_v1_rejects_default(tokenizer):
+    img = np.zeros((32, 32, 3), np.uint8)
+    with pytest.raises(ValueError, match="DeepSeek-OCR-2 has no mode 'gundam' .*its only mode is 'default'"):
+        prepare_inputs(img, "<image>", tokenizer, "gundam", family=OCR2)
+    with pytest.raises(ValueError, match="DeepSeek-OCR has no mode 'default' .*choose one of tiny, small"):
+        prepare_inputs(img, "<image>", tokenizer, "default")
+    with pytest.raises(ValueError, match="no mode 'huge' .*there is no such mode"):
+        prepare_inputs(img, "<image>", tokenizer, "huge", family=OCR2)

@@ -18,11 +18,24 @@ from .quantize import quantize_like
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
 
+# mlx-vlm's deepseekocr_2 names for DeepSeek-OCR-2's Qwen2 encoder (checked before its CLIP rule).
+_MLX_VLM_QWEN2 = (
+    ("vision_model.qwen2_encoder.layers.", "model.qwen2_model.model.model.layers."),
+    ("vision_model.qwen2_encoder.norm.", "model.qwen2_model.model.model.norm."),
+)
+
+
 def from_mlx_vlm(weights: dict[str, mx.array]) -> dict[str, mx.array]:
-    """Rename an mlx-vlm DeepSeek-OCR checkpoint to our keys; its convs are already channels-last."""
+    """Rename an mlx-vlm DeepSeek-OCR or DeepSeek-OCR-2 checkpoint to our keys; its convs are already
+    channels-last and its experts stacked, as ours."""
     out = {}
     for key, value in weights.items():
-        if key.startswith("language_model.lm_head."):
+        renamed = next((new + key[len(old) :] for old, new in _MLX_VLM_QWEN2 if key.startswith(old)), None)
+        if renamed:
+            key = renamed
+        elif key.startswith("vision_model.qwen2_encoder.query_"):
+            key = "model.qwen2_model." + key[len("vision_model.qwen2_encoder.") :] + ".weight"
+        elif key.startswith("language_model.lm_head."):
             key = key[len("language_model.") :]
         elif key.startswith("language_model.model."):
             key = "model." + key[len("language_model.model.") :].replace(".mlp.switch_mlp.", ".mlp.experts.")
