@@ -155,6 +155,81 @@ def detect_family(config: dict[str, Any]) -> str:
     return votes.pop() if votes else OCR1
 
 
+def is_transformers_config(config: dict[str, Any]) -> bool:
+    """True for transformers' native DeepSeek-OCR-2 config (``deepseek-community/DeepSeek-OCR-2``)."""
+    vision = config.get("vision_config") or {}
+    return config.get("model_type") == "deepseek_ocr2" or "sam_config" in vision or "encoder_config" in vision
+
+
+def from_transformers_config(config: dict[str, Any]) -> dict[str, Any]:
+    """transformers' native ``deepseek_ocr2`` config in the official layout that :meth:`ModelArgs.from_dict` reads.
+
+    transformers 5 spells the decoder ``text_config`` (``mlp_layer_types`` instead of
+    ``first_k_dense_replace``, ``rope_parameters``), SAM ``vision_config.sam_config`` and the Qwen2
+    encoder ``vision_config.encoder_config``; it has no ``projector_config`` (a linear layer from the
+    encoder width to the decoder width).
+    """
+    text = dict(config.get("text_config") or {})
+    layer_types = text.pop("mlp_layer_types", None)
+    if layer_types is not None:
+        dense = [t == "dense" for t in layer_types]
+        first_sparse = dense.index(False) if False in dense else len(dense)
+        if any(dense[first_sparse:]):
+            raise ValueError(f"mlp_layer_types {layer_types}: a dense layer after a MoE layer is not DeepSeek-OCR-2")
+        text["first_k_dense_replace"] = first_sparse
+    text.update(_rope_theta(text))
+    vision = config.get("vision_config") or {}
+    sam, encoder = vision.get("sam_config") or {}, vision.get("encoder_config") or {}
+    width = sam.get("hidden_size", 768)
+    sam_args = {
+        "width": width,
+        "layers": sam.get("num_hidden_layers", 12),
+        "heads": sam.get("num_attention_heads", 12),
+        "global_attn_indexes": list(sam.get("global_attn_indexes", (2, 5, 8, 11))),
+        "downsample_channels": list(sam.get("downsample_channels", (512, 896))),
+    }
+    overrides = {k: sam[k] for k in ("window_size", "patch_size", "image_size", "layer_norm_eps") if k in sam}
+    if "output_channels" in sam:
+        overrides["out_chans"] = sam["output_channels"]
+    if "mlp_dim" in sam:
+        overrides["mlp_ratio"] = sam["mlp_dim"] / width
+    qwen2 = {
+        k: encoder[k]
+        for k in (
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "intermediate_size",
+            "rms_norm_eps",
+            "rope_theta",
+        )
+        if k in encoder
+    }
+    qwen2.update(_rope_theta(encoder))
+    hidden = encoder.get("hidden_size", 896)
+    return {
+        "model_type": "deepseek_vl_v2",
+        "architectures": ["DeepseekOCR2ForCausalLM"],
+        "language_config": text,
+        "projector_config": {"input_dim": hidden, "n_embed": text.get("hidden_size", 1280)},
+        "vision_config": {
+            "model_name": "deepencoderv2",
+            "width": {"sam_vit_b": sam_args, "qwen2-0-5b": {"dim": hidden}},
+            "sam_overrides": overrides,
+            "qwen2_overrides": qwen2,
+        },
+        **{k: config[k] for k in ("image_token_id", "quantization", "dsocr_format", "dsocr_dtype") if k in config},
+    }
+
+
+def _rope_theta(config: dict[str, Any]) -> dict[str, float]:
+    """``rope_theta`` from transformers 5's ``rope_parameters`` (plain RoPE only), or nothing."""
+    rope = config.get("rope_parameters") or {}
+    if rope.get("rope_type", "default") != "default":
+        raise ValueError(f"rope_parameters {rope} are not supported: DeepSeek-OCR-2 uses plain RoPE")
+    return {"rope_theta": rope["rope_theta"]} if "rope_theta" in rope else {}
+
+
 @dataclass
 class ProjectorArgs:
     """Linear projector from the concatenated CLIP+SAM features to the decoder width."""
@@ -321,7 +396,10 @@ class ModelArgs:
 
     @classmethod
     def from_dict(cls, config: dict[str, Any]) -> ModelArgs:
-        """Read the HF ``deepseek_vl_v2`` config (with ``language_config``, ``vision_config``, ``projector_config``)."""
+        """Read the HF ``deepseek_vl_v2`` config (with ``language_config``, ``vision_config``, ``projector_config``),
+        mlx-vlm's, or transformers' native ``deepseek_ocr2`` one."""
+        if is_transformers_config(config):
+            config = from_transformers_config(config)
         text = dict(config)
         # mlx-vlm renames language_config to text_config in the folders it writes.
         text.update(config.get("language_config") or config.get("text_config") or {})

@@ -48,22 +48,30 @@ def resolve_model_path(path_or_repo: str | Path) -> Path:
 
 
 def describe_folder(folder: Path) -> str | None:
-    """The format of a DeepSeek-OCR model folder, or None when it is not one."""
+    """The model and format of a DeepSeek-OCR or DeepSeek-OCR-2 folder, or None when it is not one."""
     import json
+
+    from .config import ModelArgs, is_transformers_config
 
     try:
         config = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError):
+        args = ModelArgs.from_dict(config)
+    except (OSError, ValueError, TypeError, AttributeError):
         return None
-    if config.get("model_type") not in ("deepseek_vl_v2", "deepseekocr") and "projector_config" not in config:
+    known = ("deepseek_vl_v2", "deepseekocr", "deepseekocr_2", "deepseek_ocr2")
+    if config.get("model_type") not in known and "projector_config" not in config:
         return None
     q = config.get("quantization")
     qtext = f", {q.get('bits')}-bit {q.get('mode', 'affine')}" if isinstance(q, dict) else ""
     if config.get("dsocr_format"):
-        return f"dsocr-mlx ({config.get('dsocr_dtype', '?')}{qtext})"
-    if "text_config" in config or config.get("model_type") == "deepseekocr":
-        return f"mlx-vlm{qtext or ' (float)'}"
-    return "original (bf16)"
+        kind = f"dsocr-mlx ({config.get('dsocr_dtype', '?')}{qtext})"
+    elif is_transformers_config(config):
+        kind = "transformers"
+    elif "text_config" in config or config.get("model_type", "").startswith("deepseekocr"):
+        kind = f"mlx-vlm{qtext or ' (float)'}"
+    else:
+        kind = "original (bf16)"
+    return f"{args.family_name}, {kind}"
 
 
 def hub_cache_dir() -> Path:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -68,6 +69,82 @@ CONV_WEIGHTS = (
 )
 
 EXPERT_KEY = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+
+# fmt: off
+# transformers 5's native DeepSeek-OCR-2 names (a folder saved with ``save_original_format=False``) ->
+# the original ones; the first matching rule applies. Its routed experts are fused per layer:
+# ``experts.gate_up_proj`` (E, 2I, H), gate rows first, and ``experts.down_proj`` (E, H, I).
+TRANSFORMERS_KEYS = [
+    (r"^model\.vision_tower\.sam_encoder\.layers\.(\d+)\.layer_norm([12])\.", r"model.sam_model.blocks.\1.norm\2."),
+    (r"^model\.vision_tower\.sam_encoder\.layers\.",                         "model.sam_model.blocks."),
+    (r"^model\.vision_tower\.sam_encoder\.patch_embed\.projection\.",         "model.sam_model.patch_embed.proj."),
+    (r"^model\.vision_tower\.sam_encoder\.neck\.conv1\.",                     "model.sam_model.neck.0."),
+    (r"^model\.vision_tower\.sam_encoder\.neck\.layer_norm1\.",               "model.sam_model.neck.1."),
+    (r"^model\.vision_tower\.sam_encoder\.neck\.conv2\.",                     "model.sam_model.neck.2."),
+    (r"^model\.vision_tower\.sam_encoder\.neck\.layer_norm2\.",               "model.sam_model.neck.3."),
+    (r"^model\.vision_tower\.sam_encoder\.proj\.conv1\.",                     "model.sam_model.net_2."),
+    (r"^model\.vision_tower\.sam_encoder\.proj\.conv2\.",                     "model.sam_model.net_3."),
+    (r"^model\.vision_tower\.sam_encoder\.",                                  "model.sam_model."),
+    (r"^model\.vision_tower\.vision_encoder\.",                               "model.qwen2_model.model.model."),
+    (r"^model\.vision_tower\.query_(768|1024)_resolution\.",                  r"model.qwen2_model.query_\1."),
+    (r"^model\.multi_modal_projector\.",                                      "model.projector.layers."),
+    (r"^model\.view_separator$",                                              "model.view_seperator"),
+    (r"^model\.language_model\.",                                             "model."),
+]
+# fmt: on
+_TRANSFORMERS_RULES = [(re.compile(p), target) for p, target in TRANSFORMERS_KEYS]
+FUSED_EXPERTS = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
+
+
+def original_name(name: str) -> str:
+    """The original checkpoint name of a transformers-native tensor name (unchanged when already original)."""
+    for pattern, target in _TRANSFORMERS_RULES:
+        if pattern.match(name):
+            return pattern.sub(target, name, count=1)
+    return name
+
+
+def _split_experts(name: str, shape: tuple[int, ...]) -> list[tuple[str, Any]] | None:
+    """For a fused expert tensor: ``(original name, index into the fused tensor)`` per expert projection."""
+    m = FUSED_EXPERTS.match(name)
+    if m is None:
+        return None
+    prefix, fused = m.groups()
+    if fused == "down_proj":
+        return [(f"{prefix}.{e}.down_proj.weight", (e,)) for e in range(shape[0])]
+    half = shape[1] // 2
+    return [
+        (f"{prefix}.{e}.{proj}.weight", (e, slice(start, start + half)))
+        for e in range(shape[0])
+        for proj, start in (("gate_proj", 0), ("up_proj", half))
+    ]
+
+
+def from_transformers_shapes(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """The original layout's name -> shape for a transformers-native checkpoint's header."""
+    out = {}
+    for name, shape in shapes.items():
+        name = original_name(name)
+        split = _split_experts(name, shape)
+        if split is None:
+            out[name] = tuple(shape)
+        else:
+            rows = shape[1] // 2 if name.endswith("gate_up_proj") else shape[1]
+            out.update((part, (rows, shape[2])) for part, _ in split)
+    return out
+
+
+def from_transformers_tensors(items: Iterable[tuple[str, Any]]) -> Iterator[tuple[str, Any]]:
+    """The original layout's tensors from a transformers-native checkpoint's (name, tensor) pairs: names
+    mapped, fused experts sliced per expert (works on numpy, MLX and PyTorch arrays alike)."""
+    for name, tensor in items:
+        name = original_name(name)
+        split = _split_experts(name, tuple(tensor.shape))
+        if split is None:
+            yield name, tensor
+        else:
+            for part, index in split:
+                yield part, tensor[index]
 
 
 def checkpoint_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
@@ -256,8 +333,10 @@ CONVERTED_FORMAT = "dsocr-mlx/1"
 
 
 def checkpoint_layout(args: ModelArgs, names: set[str]) -> str:
-    """``"hf"`` (original checkpoint), ``"converted"`` (``dsocr convert``) or ``"mlx-vlm"`` (mlx-community
-    conversions), from ``config.json`` and the tensor ``names``; an unknown format or layout is an error."""
+    """``"hf"`` (original checkpoint), ``"converted"`` (``dsocr convert``), ``"mlx-vlm"`` (mlx-community
+    conversions) or ``"transformers"`` (transformers 5's native names, saved with
+    ``save_original_format=False``), from ``config.json`` and the tensor ``names``; an unknown format or
+    layout is an error."""
     if args.converted_format == CONVERTED_FORMAT:
         return "converted"
     if args.converted_format:
@@ -267,10 +346,12 @@ def checkpoint_layout(args: ModelArgs, names: set[str]) -> str:
         )
     if any(n.startswith("language_model.") for n in names):
         return "mlx-vlm"
+    if any(n.startswith(("model.language_model.", "model.vision_tower.")) for n in names):
+        return "transformers"
     if "lm_head.weight" in names or any(n.startswith("model.") for n in names):
         return "hf"
     sample = ", ".join(sorted(names)[:3]) or "no tensors"
     raise ValueError(
         f"unknown checkpoint layout (found {sample}): expected the original deepseek-ai/DeepSeek-OCR "
-        "layout, a folder written by `dsocr convert`, or an mlx-vlm conversion"
+        "layout, a folder written by `dsocr convert`, an mlx-vlm conversion, or a transformers save"
     )

@@ -9,7 +9,15 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from ...config import ModelArgs
-from ...weights import check_checkpoint, checkpoint_layout, checkpoint_shapes, safetensors_shapes, weight_files
+from ...weights import (
+    check_checkpoint,
+    checkpoint_layout,
+    checkpoint_shapes,
+    from_transformers_shapes,
+    from_transformers_tensors,
+    safetensors_shapes,
+    weight_files,
+)
 from ..runtime import RuntimeBase
 from . import generate
 from .model import Model
@@ -76,12 +84,16 @@ def load_model(folder: str | Path, args: ModelArgs, dtype: str = "float16", for_
     names = safetensors_shapes(files)
     layout = checkpoint_layout(args, set(names))
     source = f"the checkpoint in {folder}"
-    if layout == "hf":
+    if layout == "transformers":
+        names = from_transformers_shapes(names)
+    if layout in ("hf", "transformers"):
         check_checkpoint(names, checkpoint_shapes(args), source)
     weights = {}
     for f in files:
         weights.update(mx.load(str(f)))
-    if layout == "hf":
+    if layout == "transformers":
+        weights = dict(from_transformers_tensors(weights.items()))
+    if layout in ("hf", "transformers"):
         weights = Model.sanitize(weights)
     elif layout == "mlx-vlm":
         weights = from_mlx_vlm(weights)

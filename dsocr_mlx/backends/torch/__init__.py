@@ -14,6 +14,8 @@ from ...weights import (
     check_checkpoint,
     checkpoint_layout,
     checkpoint_shapes,
+    from_transformers_shapes,
+    from_transformers_tensors,
     read_safetensors_header,
     safetensors_shapes,
     weight_files,
@@ -112,6 +114,8 @@ def load_model(folder: str | Path, args: ModelArgs, dtype: str = "float32", devi
         )
     layout = checkpoint_layout(args, set(names))
     converted = layout == "converted"
+    if layout == "transformers":
+        names = from_transformers_shapes(names)
     if layout == "mlx-vlm":
         raise ValueError(
             f"{folder} is an mlx-vlm conversion, which only the MLX backend reads; use --backend mlx "
@@ -130,7 +134,10 @@ def load_model(folder: str | Path, args: ModelArgs, dtype: str = "float32", devi
     params = dict(model.named_parameters())
     with torch.no_grad():
         for f in files:
-            for key, tensor in read_safetensors(f):
+            tensors = read_safetensors(f)
+            if layout == "transformers":
+                tensors = from_transformers_tensors(tensors)
+            for key, tensor in tensors:
                 name, expert = Model.destination(key)
                 if converted and key in CONV_WEIGHTS:
                     tensor = tensor.permute(0, 3, 1, 2)
