@@ -26,6 +26,7 @@ def load(
     backend: str = "mlx",
     dtype: str | None = None,
     device: str | None = None,
+    options: OCROptions | None = None,
 ) -> OCRModel:
     """Load DeepSeek-OCR from a local folder or a Hugging Face repo id.
 
@@ -38,13 +39,15 @@ def load(
             Quantized folders load with no flags.
         device: the PyTorch backend's device, ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` (default: CUDA when
             available); naming one makes ``auto`` pick PyTorch. MLX chooses its own device.
+        options: if given, checked against the model family as soon as its config.json is read, before
+            the weights load (:class:`OptionError`, e.g. a DeepSeek-OCR mode asked of DeepSeek-OCR-2).
 
     Returns:
         An :class:`OCRModel` ready for ``prepare``, ``ocr`` and friends.
     """
     from .pipeline import OCRModel
 
-    return OCRModel.load(path_or_repo_id, backend=backend, dtype=dtype, device=device)
+    return OCRModel.load(path_or_repo_id, backend=backend, dtype=dtype, device=device, options=options)
 
 
 def __getattr__(name: str):

@@ -118,15 +118,14 @@ def ocr(
     try:
         import dsocr_mlx
 
-        loaded = dsocr_mlx.load(m["path"], backend=m["backend"], dtype=m["dtype"], device=m["device"])
+        # The options are checked against the model family (its config.json) before the weights load.
+        loaded = dsocr_mlx.load(m["path"], backend=m["backend"], dtype=m["dtype"], device=m["device"], options=options)
+    except OptionError as e:
+        raise _fail(f"--{e.option.replace('_', '-')}: {e}", 2) from None
     except (FileNotFoundError, ValueError, ImportError, OSError) as e:
         if verbose:
             raise
         raise _fail(f"cannot load the model {m['path']}: {e}") from None
-    try:
-        loaded.check_options(options)  # e.g. a DeepSeek-OCR mode asked of DeepSeek-OCR-2
-    except OptionError as e:
-        raise _fail(f"--{e.option.replace('_', '-')}: {e}", 2) from None
     from .progress import Progress
 
     failures, done = [], 0

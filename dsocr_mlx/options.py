@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import pdf
-from .modes import MODES, mode_help
+from .modes import MODES, family_mode, mode_help
 from .sampling import IMAGE_NGRAM, PDF_NGRAM, SamplingParams
 
 TASKS = {
@@ -168,6 +168,15 @@ class OCROptions:
         elif "task" in given and "prompt" not in given:
             given["prompt"] = None
         return dataclasses.replace(self, **given)
+
+    def check_family(self, family: str) -> OCROptions:
+        """These options if they apply to a model of ``family`` (read from its config.json); else
+        :class:`OptionError`, e.g. a DeepSeek-OCR mode asked of DeepSeek-OCR-2."""
+        try:
+            family_mode(family, self.mode)
+        except ValueError as e:
+            raise OptionError("mode", str(e)) from None
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         return {

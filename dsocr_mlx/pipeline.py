@@ -21,7 +21,7 @@ from .config import ModelArgs
 from .files import staged_files
 from .hub import resolve_model_path
 from .modes import family_mode
-from .options import DEFAULT_PROMPT, TASKS, OCROptions, OptionError, build_prompt
+from .options import DEFAULT_PROMPT, TASKS, OCROptions, build_prompt
 from .processing import ImageInput, ProcessedInputs, load_image, prepare_inputs
 from .sampling import LoopDetector, Repetition
 from .tokenizer import EOS_TEXT, StreamingDetokenizer, Tokenizer
@@ -283,12 +283,19 @@ class OCRModel:
 
     @classmethod
     def load(
-        cls, path_or_repo_id: str | Path, backend: str = "mlx", dtype: str | None = None, device: str | None = None
+        cls,
+        path_or_repo_id: str | Path,
+        backend: str = "mlx",
+        dtype: str | None = None,
+        device: str | None = None,
+        options: OCROptions | None = None,
     ) -> OCRModel:
         dtype = check_dtype(dtype)
         module = get_backend(backend, device)
         folder = resolve_model_path(path_or_repo_id)
         args = ModelArgs.from_file(folder / "config.json")
+        if options is not None:
+            options.check_family(args.family)  # before the weights load: a wrong mode fails at once
         device = module.resolve_device(device)
         dtype = dtype or module.default_dtype(args, device)
         tokenizer = Tokenizer.from_folder(folder, args.text.bos_token_id, args.text.eos_token_id)
@@ -316,11 +323,7 @@ class OCRModel:
 
     def check_options(self, options: OCROptions) -> OCROptions:
         """``options`` if they apply to this model; else :class:`OptionError` (a mode of the other family)."""
-        try:
-            family_mode(self.family, options.mode)
-        except ValueError as e:
-            raise OptionError("mode", str(e)) from None
-        return options
+        return options.check_family(self.family)
 
     def prepare(
         self, image: ImageInput | list[ImageInput] | None, prompt: str = DEFAULT_PROMPT, mode: str | None = None

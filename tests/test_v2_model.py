@@ -107,3 +107,24 @@ def test_float32_tensors_in_the_checkpoint_load(tiny_v2_ckpt, tiny_v2_model, v2_
     for backend in ("mlx", "torch"):
         model = dsocr_mlx.load(str(folder), backend=backend, dtype="float32")
         assert_close(model.prefill_logits(v2_inputs), reference, **BACKENDS, what=backend)
+
+
+def test_a_mode_of_the_other_family_fails_before_the_weights_load(tiny_v2_ckpt, sample_image, tmp_path, monkeypatch):
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from dsocr_mlx.backends.mlx import Runtime
+    from dsocr_mlx.cli import app
+
+    def never(*args, **kwargs):
+        raise AssertionError("the weights were loaded")
+
+    monkeypatch.setattr(Runtime, "load", classmethod(never))
+    with pytest.raises(OptionError, match="DeepSeek-OCR-2 has no mode 'base'"):
+        dsocr_mlx.load(str(tiny_v2_ckpt), options=dsocr_mlx.OCROptions(mode="base"))
+    monkeypatch.setenv("DSOCR_CONFIG", str(tmp_path / "config.toml"))
+    page = tmp_path / "page.png"
+    Image.fromarray(sample_image).save(page)
+    result = CliRunner().invoke(app, ["ocr", str(page), "--model", str(tiny_v2_ckpt), "--mode", "gundam"])
+    assert result.exit_code == 2, result.output
+    assert "--mode: DeepSeek-OCR-2 has no mode 'gundam'" in result.stderr and "only mode is 'default'" in result.stderr
