@@ -8,7 +8,9 @@ the defaults (commented) on first use, so users can see every setting. The ``[oc
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +42,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "allow_model_switch": True,
         "allowed_hosts": [],
         "shutdown_timeout": 10,
+        "keep_alive": "5m",
+        "aliases": [],
+        "accept_any_model": False,
     },
 }
 
@@ -71,6 +76,11 @@ _TEMPLATE = """# dsocr configuration (created with the defaults; edit and uncomm
 # allowed_hosts = []                  # host names answered besides IP addresses and localhost ("*": any),
 #                                     # e.g. the name a reverse proxy passes on; others get 403 (DNS rebinding)
 # shutdown_timeout = 10               # seconds running requests get to finish on Ctrl-C or SIGTERM
+# keep_alive = "5m"                   # unload the model after this long idle (Ollama's semantics: "30s",
+#                                     # "10m", "1h", seconds as a number, 0 = at once, -1 = never)
+# aliases = []                        # more names for the configured model (besides its folder name, its
+#                                     # repo id and deepseek-ocr / deepseek-ocr-2)
+# accept_any_model = false            # with one model configured, answer whatever model name a client sends
 
 # [server.models]                     # extra models a request may name: name = "repo id or folder"
 # small = "mlx-community/DeepSeek-OCR-4bit"
@@ -151,10 +161,19 @@ def load_settings(path: str | Path | None = None, create: bool = True) -> Settin
             if key not in DEFAULTS[section]:
                 raise ValueError(f"{path}: unknown setting {section}.{key}")
             default = DEFAULTS[section][key]
-            if (
+            if key == "keep_alive":
+                try:
+                    parse_keep_alive(value)
+                except ValueError as e:
+                    raise ValueError(f"{path}: server.keep_alive: {e}") from None
+            elif (
                 isinstance(default, bool) != isinstance(value, bool)
                 or (isinstance(default, (int, float)) and not isinstance(value, (int, float)))
                 or (isinstance(default, str) and not isinstance(value, str))
+                or (
+                    isinstance(default, list)
+                    and not (isinstance(value, list) and all(isinstance(v, str) for v in value))
+                )
             ):
                 raise ValueError(f"{path}: {section}.{key} should be like {default!r}, got {value!r}")
             getattr(settings, section)[key] = value
@@ -171,6 +190,38 @@ def _ocr_options(path: Path, values: dict[str, Any]) -> OCROptions:
         return OCROptions().merged(**values)
     except OptionError as e:
         raise ValueError(f"{path}: [ocr] {e}") from None
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+_UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_keep_alive(value: Any) -> float:
+    """Ollama's ``keep_alive`` in seconds: a number of seconds, or a duration such as ``"30s"``, ``"5m"``,
+    ``"1h30m"``; 0 unloads right after the request; a negative value keeps the model forever (``inf``).
+
+    Raises:
+        ValueError: anything else (the message names the accepted forms).
+    """
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        seconds = float(value)
+    elif isinstance(value, str) and value.strip():
+        text = value.strip()
+        sign, text = (-1.0, text[1:]) if text.startswith("-") else (1.0, text)
+        if re.fullmatch(r"\d+(\.\d*)?", text):
+            seconds = sign * float(text)  # a bare number: seconds (Ollama wants a unit; a number is clearer)
+        elif _DURATION.sub("", text) == "" and text:
+            seconds = sign * sum(float(n) * _UNIT_SECONDS[u] for n, u in _DURATION.findall(text))
+        else:
+            seconds = None
+    else:
+        seconds = None
+    if seconds is None:
+        raise ValueError(
+            f'keep_alive {value!r} is not a duration: use seconds (300), a duration ("30s", "5m", "1h30m"), '
+            "0 to unload at once, or -1 to keep the model loaded"
+        )
+    return math.inf if seconds < 0 else seconds
 
 
 def merge(settings: dict[str, Any], **overrides: Any) -> dict[str, Any]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from starlette.applications import Starlette
@@ -14,9 +13,10 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Route
 
-from dsocr_mlx.settings import Settings, load_settings
+from dsocr_mlx.settings import Settings, load_settings, parse_keep_alive
 
-from . import handlers
+from . import handlers, ollama
+from .catalog import ModelCatalog, model_id
 from .guard import Guard, allowed_hosts, check_api_key
 from .handlers import ServerState
 from .serving import clean_stale_uploads
@@ -27,13 +27,16 @@ ROUTES = [
     Route("/v1/responses", handlers.responses, methods=["POST"]),
     Route("/v1/ocr", handlers.ocr_upload, methods=["POST"]),
     Route("/v1/models", handlers.list_models),
+    Route("/v1/models/{model:path}", handlers.retrieve_model),
     Route("/health", handlers.health),
+    # Ollama's API (guard.OLLAMA_ROUTES answers their errors in Ollama's shape).
+    Route("/api/tags", ollama.tags, methods=["GET", "HEAD"]),
+    Route("/api/ps", ollama.ps),
+    Route("/api/version", ollama.version, methods=["GET", "HEAD"]),
+    Route("/api/show", ollama.show, methods=["POST"]),
+    Route("/api/chat", ollama.chat, methods=["POST"]),
+    Route("/api/generate", ollama.generate, methods=["POST"]),
 ]
-
-
-def model_name(path: str) -> str:
-    """The name a configured model is served under: its folder's name, or the repo id."""
-    return Path(path).name if Path(path).is_dir() else path
 
 
 def create_app(settings: Settings | None = None, loader: Callable[[str], Any] | None = None) -> Starlette:
@@ -43,12 +46,13 @@ def create_app(settings: Settings | None = None, loader: Callable[[str], Any] | 
     dtype and device); it runs on the inference thread.
 
     Raises:
-        ValueError: an API key that no client could send.
+        ValueError: an API key that no client could send, or a keep_alive that is no duration.
     """
     settings = settings or load_settings(create=False)
     limits, model_conf = settings.server, settings.model
-    default = model_name(model_conf["path"])
+    default = model_id(model_conf["path"])
     models = {default: model_conf["path"], **limits["models"]}
+    keep_alive = parse_keep_alive(limits["keep_alive"])
     if loader is None:
         from dsocr_mlx.pipeline import OCRModel
 
@@ -57,7 +61,8 @@ def create_app(settings: Settings | None = None, loader: Callable[[str], Any] | 
                 path, backend=model_conf["backend"], dtype=model_conf["dtype"], device=model_conf.get("device")
             )
 
-    worker = InferenceWorker(models, default, loader, limits["max_queue"])
+    worker = InferenceWorker(models, default, loader, limits["max_queue"], keep_alive)
+    catalog = ModelCatalog(models, default, limits["aliases"], limits["accept_any_model"])
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
@@ -92,6 +97,6 @@ def create_app(settings: Settings | None = None, loader: Callable[[str], Any] | 
         lifespan=lifespan,
         exception_handlers={HTTPException: handlers.on_http_error},
     )
-    app.state.dsocr = ServerState(settings.ocr, limits, models, default, worker)
+    app.state.dsocr = ServerState(settings.ocr, limits, models, default, worker, catalog)
     app.state.worker = worker
     return app

@@ -153,7 +153,7 @@ class Guard:
                 while more and drained <= self.max_body:
                     message = await receive()
                     drained, more = drained + len(message.get("body", b"")), message.get("more_body", False)
-                await error_response(error)(scope, receive, send_logged)
+                await error_response(error, scope["path"])(scope, receive, send_logged)
         finally:
             access_log.info(
                 '%s "%s %s" %d %.0fms tokens=%s',
@@ -166,5 +166,10 @@ class Guard:
             )
 
 
-def error_response(e: APIError) -> JSONResponse:
-    return JSONResponse(e.body(), e.status, headers=e.headers)
+# Ollama's routes answer errors in Ollama's shape, {"error": "message"}.
+OLLAMA_ROUTES = frozenset({"/api/tags", "/api/chat", "/api/generate", "/api/show", "/api/ps", "/api/version"})
+
+
+def error_response(e: APIError, path: str = "") -> JSONResponse:
+    body = {"error": e.message} if path in OLLAMA_ROUTES else e.body()
+    return JSONResponse(body, e.status, headers=e.headers)

@@ -16,8 +16,9 @@ from dsocr_mlx.options import OCROptions
 from dsocr_mlx.processing import decode_image
 
 from . import remote
+from .catalog import ModelCatalog
 from .guard import as_api_error, error_response
-from .protocol import APIError, ChatShapes, OCRRequest, ResponseShapes, parse_request, request_options
+from .protocol import NEEDS_IMAGE, APIError, ChatShapes, OCRRequest, ResponseShapes, parse_request, request_options
 from .serving import check_document, document_text, ocr_document, stream_request
 from .worker import AsyncJob, InferenceWorker, JobCancelled
 
@@ -28,9 +29,10 @@ class ServerState:
 
     options: OCROptions  # the [ocr] settings: every request's defaults
     limits: dict[str, Any]  # the [server] settings
-    models: dict[str, str]  # name -> path or repo id
+    models: dict[str, str]  # id -> path or repo id
     default: str
     worker: InferenceWorker
+    catalog: ModelCatalog
     checkers: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(2, thread_name_prefix="dsocr-check")
     )
@@ -44,17 +46,24 @@ def state(request: Request) -> ServerState:
 
 
 def pick_model(s: ServerState, name: str | None) -> str:
-    """The configured model a request names (default: the served one)."""
-    if (name := name or s.default) not in s.models:
-        raise APIError(404, f"the model {name!r} does not exist", code="model_not_found", param="model")
-    if name != s.default and not s.limits["allow_model_switch"]:
+    """The id of the configured model a request names (default: the served one), by any of its names."""
+    found = s.catalog.resolve(name)
+    if found is None:
+        shown = name if len(name) <= 80 else name[:80] + "..."
+        raise APIError(
+            404,
+            f"the model {shown!r} does not exist; GET /v1/models lists the models and their names",
+            code="model_not_found",
+            param="model",
+        )
+    if found != s.default and not s.limits["allow_model_switch"]:
         raise APIError(
             400,
-            f"the model {name!r} is configured but model switching is disabled (allow_model_switch = false)",
+            f"the model {found!r} is configured but model switching is disabled (allow_model_switch = false)",
             code="model_switch_disabled",
             param="model",
         )
-    return name
+    return found
 
 
 def read_url(s: ServerState, url: str) -> bytes:
@@ -109,23 +118,41 @@ async def read_json(request: Request) -> dict:
     return body
 
 
-async def submit(request: Request, key: str) -> tuple[OCRRequest, str, AsyncJob]:
-    """Parse a chat or responses body, load its inputs and queue its job."""
+async def parse(request: Request, key: str) -> tuple[OCRRequest, str]:
+    """A chat or responses body parsed, and the id of the model it names."""
     s = state(request)
     req = parse_request(await read_json(request), key, s.options, s.limits["max_tokens_cap"])
-    name = pick_model(s, req.model)
-    if len(req.image_urls) + len(req.files) > s.limits["max_images"]:
+    return req, pick_model(s, req.model)
+
+
+async def queue_job(
+    request: Request, req: OCRRequest, name: str, key: str, keep_alive: float | None = None
+) -> AsyncJob:
+    """Fetch and check a parsed request's images (or PDF), then queue its job on the inference worker."""
+    s = state(request)
+    urls: list[str | bytes] = [*req.image_urls, *req.files]
+    if len(urls) > s.limits["max_images"]:
         raise APIError(400, f"at most {s.limits['max_images']} image(s) per request", code="too_many_images", param=key)
     s.worker.check_room()  # a request that would get 429 costs nothing
-    urls = req.image_urls + req.files
-    fetched = {u: await off_loop(s.fetchers, read_url, s, u) for u in urls if not u.startswith("data:")}
-    encoded, pdf_data = await off_loop(s.checkers, check_inputs, s, [fetched[u] if u in fetched else u for u in urls])
+    remote_urls = [u for u in urls if isinstance(u, str) and not u.startswith("data:")]
+    fetched = {u: await off_loop(s.fetchers, read_url, s, u) for u in remote_urls}
+    encoded, pdf_data = await off_loop(s.checkers, check_inputs, s, [fetched.get(u, u) for u in urls])
 
     def work(model: Any, emit: Callable[[str], None]) -> list:
         images = [decode_image(d, s.limits["max_image_pixels"]) for d in encoded]  # one job's pixels at a time
         return stream_request(model, images, pdf_data, req.options, emit, s.limits["max_pdf_pages"])
 
-    return req, name, AsyncJob(s.worker, name, work, s.limits["request_timeout"])
+    return AsyncJob(s.worker, name, work, s.limits["request_timeout"], keep_alive=keep_alive)
+
+
+def fixed_stream(chunks: list[str], media_type: str = "text/event-stream") -> StreamingResponse:
+    """A streamed answer known in full beforehand (the reply to a conversation without an image)."""
+
+    async def body():
+        for chunk in chunks:
+            yield chunk
+
+    return StreamingResponse(body(), media_type=media_type, headers={"Cache-Control": "no-cache"})
 
 
 async def collect(request: Request, job: AsyncJob, output: str) -> str:
@@ -173,8 +200,14 @@ async def stream(
 
 async def chat_completions(request: Request) -> Response:
     """``POST /v1/chat/completions``."""
-    req, name, job = await submit(request, "messages")
+    req, name = await parse(request, "messages")
     shapes = ChatShapes(name, req.include_usage)
+    if req.needs_image:  # e.g. a client's title or tag request: answered without the model
+        if not req.stream:
+            return JSONResponse(shapes.completion(NEEDS_IMAGE, []))
+        opening = shapes.chunk({"role": "assistant", "content": ""})
+        return fixed_stream([opening, shapes.chunk({"content": NEEDS_IMAGE}), *shapes.closing([])])
+    job = await queue_job(request, req, name, "messages")
     if not req.stream:
         return JSONResponse(shapes.completion(await collect(request, job, req.options.output), job.result))
     return await stream(
@@ -189,8 +222,13 @@ async def chat_completions(request: Request) -> Response:
 
 async def responses(request: Request) -> Response:
     """``POST /v1/responses``."""
-    req, name, job = await submit(request, "input")
+    req, name = await parse(request, "input")
     shapes = ResponseShapes(name)
+    if req.needs_image:  # answered without the model
+        if not req.stream:
+            return JSONResponse(shapes.response(NEEDS_IMAGE, []))
+        return fixed_stream([*shapes.opening(), shapes.delta(NEEDS_IMAGE), *shapes.closing([])])
+    job = await queue_job(request, req, name, "input")
     if not req.stream:
         return JSONResponse(shapes.response(await collect(request, job, req.options.output), job.result))
     return await stream(request, job, shapes.opening(), shapes.delta, shapes.closing, shapes.error)
@@ -226,16 +264,23 @@ async def ocr_upload(request: Request) -> Response:
     return JSONResponse({"object": "ocr.result", "model": name, "results": job.result})
 
 
+def usable_models(s: ServerState) -> list[str]:
+    """The ids a request may name: the served model, and the others when switching is allowed."""
+    return [n for n in s.models if n == s.default or s.limits["allow_model_switch"]]
+
+
 async def list_models(request: Request) -> Response:
-    """``GET /v1/models``: the models a request may name."""
+    """``GET /v1/models``: the models a request may name, whether each is in memory, and its other names."""
     s = state(request)
-    usable = [n for n in s.models if n == s.default or s.limits["allow_model_switch"]]
-    return JSONResponse(
-        {
-            "object": "list",
-            "data": [{"id": n, "object": "model", "created": 0, "owned_by": "dsocr-mlx"} for n in usable],
-        }
-    )
+    data = [s.catalog.openai_model(s.catalog.entries[n], s.worker.resident == n) for n in usable_models(s)]
+    return JSONResponse({"object": "list", "data": data})
+
+
+async def retrieve_model(request: Request) -> Response:
+    """``GET /v1/models/{id}``, by any of the model's names."""
+    s = state(request)
+    name = pick_model(s, request.path_params["model"])
+    return JSONResponse(s.catalog.openai_model(s.catalog.entries[name], s.worker.resident == name))
 
 
 async def health(request: Request) -> Response:
@@ -246,4 +291,5 @@ async def health(request: Request) -> Response:
 
 
 async def on_http_error(request: Request, e: HTTPException) -> Response:
-    return error_response(APIError(e.status_code, str(e.detail), code="not_found" if e.status_code == 404 else None))
+    code = "not_found" if e.status_code == 404 else None
+    return error_response(APIError(e.status_code, str(e.detail), code=code), request.url.path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -37,11 +38,12 @@ class OCRRequest:
     """What a chat or responses request asks for, once parsed."""
 
     model: str | None
-    image_urls: list[str] = field(default_factory=list)  # image parts: data: or http(s) URLs
+    image_urls: list[str | bytes] = field(default_factory=list)  # image parts: data: or http(s) URLs, or bytes
     files: list[str] = field(default_factory=list)  # file parts: data: URLs of PDFs or images
     options: OCROptions = field(default_factory=OCROptions)
     stream: bool = False
     include_usage: bool = False
+    needs_image: bool = False  # the conversation holds no image: answered at once, without the model
 
 
 def _get(body: dict, name: str, kinds: type | tuple, default: Any = None, ok=lambda v: True, want: str = "") -> Any:
@@ -58,28 +60,61 @@ def _get(body: dict, name: str, kinds: type | tuple, default: Any = None, ok=lam
     return value
 
 
-def _last_user_content(items: Any, key: str) -> Any:
+# Text that clients add beside an image but that is not an instruction: Open WebUI's list of attached
+# files (``<attached_files><file .../></attached_files>``), and stray ``<file .../>`` tags.
+CLIENT_BOILERPLATE = re.compile(r"<attached_files>.*?</attached_files>|<file\b[^>]*/>", re.DOTALL)
+
+
+def instruction_text(text: str) -> str:
+    """A message's text without client boilerplate, stripped: what the user actually asked."""
+    return CLIENT_BOILERPLATE.sub("", text).strip()
+
+
+@dataclass
+class Turn:
+    """One user message: its instruction text and its images and files (``data:`` or http(s) URLs, or
+    the bytes themselves)."""
+
+    text: str = ""
+    images: list[str | bytes] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
+
+
+def _user_turns(items: Any, key: str) -> list[Turn]:
     if isinstance(items, str):
-        return items
+        return [Turn(instruction_text(items))]
     if not isinstance(items, list) or not all(isinstance(m, dict) for m in items):
         raise APIError(400, f"'{key}' must be a list of messages", param=key)
-    # Multi-turn input is reduced to the last user turn: each OCR request stands alone.
-    user = [m for m in items if m.get("role") == "user"]
-    if not user:
+    # Responses API input items without a role are user input too (e.g. a bare input_image item).
+    turns = [_split_content(m.get("content"), key) for m in items if m.get("role", "user") == "user"]
+    if not turns:
         raise APIError(400, f"'{key}' has no user message", param=key)
-    return user[-1].get("content")
+    return turns
 
 
-def _split_content(content: Any, key: str) -> tuple[str, list[str], list[str]]:
+def read_conversation(items: Any, key: str) -> Turn:
+    """What a conversation asks for: the last user turn's instruction, with its own images, or else the
+    images of the latest earlier user turn that had some (a follow-up question about the same page)."""
+    turns = _user_turns(items, key)
+    last = turns[-1]
+    if last.images or last.files:
+        return last
+    earlier = next((t for t in reversed(turns[:-1]) if t.images or t.files), None)
+    return Turn(last.text, earlier.images, earlier.files) if earlier else last
+
+
+def _split_content(content: Any, key: str) -> Turn:
+    if content is None:
+        return Turn()
     if isinstance(content, str):
-        return content, [], []
+        return Turn(instruction_text(content))
     if not isinstance(content, list):
         raise APIError(400, "message content must be a string or a list of parts", param=key)
     texts, images, files = [], [], []
     for part in content:
         kind = part.get("type") if isinstance(part, dict) else None
-        if kind in ("text", "input_text") and isinstance(part.get("text"), str):
-            texts.append(part["text"])
+        if kind in ("text", "input_text", "output_text") and isinstance(part.get("text"), str):
+            texts.append(instruction_text(part["text"]))
         elif kind in ("image_url", "input_image"):
             url = part.get("image_url")
             url = url.get("url") if isinstance(url, dict) else url
@@ -95,7 +130,7 @@ def _split_content(content: Any, key: str) -> tuple[str, list[str], list[str]]:
         else:
             shown = repr(kind) if len(repr(kind)) <= 40 else repr(kind)[:40] + "..."
             raise APIError(400, f"unsupported content part {shown}", param=key)
-    return "\n".join(t for t in texts if t.strip()), images, files
+    return Turn("\n".join(t for t in texts if t), images, files)
 
 
 MAX_TOKENS_KEYS = ("max_completion_tokens", "max_tokens", "max_output_tokens")  # chat, legacy, responses
@@ -139,39 +174,62 @@ def request_options(
 def parse_request(body: dict, key: str, base: OCROptions, max_tokens_cap: int) -> OCRRequest:
     """Parse a chat completions (``key="messages"``) or responses (``key="input"``) body.
 
+    A conversation without any image is still a valid request: :attr:`OCRRequest.needs_image` says so,
+    and it is answered without the model.
+
     Raises:
         APIError: a field of the wrong type or out of range.
     """
-    text, images, files = _split_content(_last_user_content(body.get(key), key), key)
+    turn = read_conversation(body.get(key), key)
     if _get(body, "n", int, 1) != 1:
         raise APIError(400, "only n=1 is supported", param="n")
     stream = bool(_get(body, "stream", bool))
-    # A task picks the official prompt (the text is then what `locate` looks for); otherwise the text is
-    # the prompt, and with no text either, the configured task.
     task = _get(body, "task", str)
-    if task or not text:
-        if not images and not files:
-            raise APIError(400, "the request has no image: send one as an image_url part", code="no_image", param=key)
-        implied = dict(task=task or base.task or "markdown", ref=text or None)
-    else:
-        implied = dict(prompt=text if "<image>" in text else "<image>\n" * len(images + files) + text)
-    options = request_options(base, body, max_tokens_cap, **implied)
+    options = conversation_options(base, body, max_tokens_cap, turn, task)
     if stream:  # streamed text cannot be taken back, so a loop ends the stream with finish reason "repetition"
         options = options.merged(retry_on_repetition=False)
     stream_options = _get(body, "stream_options", dict, {})
     return OCRRequest(
-        _get(body, "model", str), images, files, options, stream, bool(stream_options.get("include_usage"))
+        model=_get(body, "model", str),
+        image_urls=turn.images,
+        files=turn.files,
+        options=options,
+        stream=stream,
+        include_usage=bool(stream_options.get("include_usage")),
+        needs_image=not (turn.images or turn.files),
     )
+
+
+def conversation_options(
+    base: OCROptions, fields: dict, max_tokens_cap: int, turn: Turn, task: str | None = None
+) -> OCROptions:
+    """The options of a request whose conversation asks ``turn``.
+
+    A task picks the official prompt (the text is then what ``locate`` looks for); otherwise the text is
+    the prompt, and with no text either, the configured task.
+    """
+    count = len(turn.images + turn.files) or 1
+    if task or not turn.text:
+        implied = dict(task=task or base.task or "markdown", ref=turn.text or None)
+    else:
+        implied = dict(prompt=turn.text if "<image>" in turn.text else "<image>\n" * count + turn.text)
+    return request_options(base, fields, max_tokens_cap, **implied)
+
+
+NEEDS_IMAGE = (
+    "This is an OCR model: it reads images. Attach an image or a PDF (or ask about one sent earlier in "
+    "this conversation) and it will return the text."
+)
 
 
 def usage(pages: list[OCRResult], responses: bool = False) -> dict[str, Any]:
     prompt = sum(p.prompt_tokens for p in pages)
     completion = sum(p.generated_tokens for p in pages)
-    details = {"cached_tokens": 0, "image_tokens": sum(p.image_tokens for p in pages)}
+    image_tokens = sum(p.image_tokens for p in pages)
     if responses:
         return {
             "input_tokens": prompt,
-            "input_tokens_details": details,
+            "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0, "image_tokens": image_tokens},
             "output_tokens": completion,
             "output_tokens_details": {"reasoning_tokens": 0},
             "total_tokens": prompt + completion,
@@ -180,13 +238,20 @@ def usage(pages: list[OCRResult], responses: bool = False) -> dict[str, Any]:
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
-        "prompt_tokens_details": details,
+        "prompt_tokens_details": {"cached_tokens": 0, "image_tokens": image_tokens},
     }
 
 
 def finish_reason(pages: list[OCRResult]) -> str:
+    """The request's finish reason: ``length`` if a page ran out of tokens, ``repetition`` if one looped,
+    else ``stop``."""
     reasons = {p.finish_reason for p in pages}
     return next((r for r in ("length", "repetition") if r in reasons), "stop")
+
+
+def openai_finish_reason(reason: str) -> str:
+    """OpenAI's word for it: a repetition loop is a stop (``ocr_finish_reason`` says which)."""
+    return "length" if reason == "length" else "stop"
 
 
 def sse(data: Any, event: str | None = None) -> str:
@@ -202,10 +267,12 @@ class ChatShapes:
         self.include_usage = include_usage
 
     def completion(self, text: str, pages: list[OCRResult]) -> dict[str, Any]:
+        reason = finish_reason(pages)
         choice = {
             "index": 0,
             "message": {"role": "assistant", "content": text},
-            "finish_reason": finish_reason(pages),
+            "finish_reason": openai_finish_reason(reason),
+            "ocr_finish_reason": reason,
             "logprobs": None,
         }
         return {
@@ -218,12 +285,15 @@ class ChatShapes:
         }
 
     def chunk(self, delta: dict, finish: str | None = None, usage: dict | None = None) -> str:
+        choice = {"index": 0, "delta": delta, "finish_reason": None, "logprobs": None}
+        if finish is not None:
+            choice |= {"finish_reason": openai_finish_reason(finish), "ocr_finish_reason": finish}
         body = {
             "id": self.id,
             "object": "chat.completion.chunk",
             "created": self.created,
             "model": self.model,
-            "choices": [] if usage else [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
+            "choices": [] if usage else [choice],
         }
         return sse(body | ({"usage": usage} if self.include_usage else {}))
 
@@ -253,14 +323,17 @@ class ResponseShapes:
             "model": self.model,
             "status": status,
             "error": None,
-            "finish_reason": reason,
+            "ocr_finish_reason": reason,
             "incomplete_details": {"reason": "max_output_tokens"} if reason == "length" else None,
             "output": [] if text is None else [self.message(text)],
+            "parallel_tool_calls": False,
+            "tool_choice": "none",
+            "tools": [],
             "usage": usage(pages, responses=True) if pages is not None else None,
         }
 
     def message(self, text: str | None) -> dict[str, Any]:
-        content = [] if text is None else [{"type": "output_text", "text": text, "annotations": []}]
+        content = [] if text is None else [self.text_part(text)]
         return {
             "id": self.msg_id,
             "type": "message",
@@ -269,18 +342,20 @@ class ResponseShapes:
             "content": content,
         }
 
+    @staticmethod
+    def text_part(text: str) -> dict[str, Any]:
+        return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
     def event(self, kind: str, **fields: Any) -> str:
         self.seq += 1
-        return sse({"type": kind, "sequence_number": self.seq - 1, **fields}, kind)
+        return sse({**fields, "type": kind, "sequence_number": self.seq - 1}, kind)
 
     def opening(self) -> list[str]:
         return [
             self.event("response.created", response=self.response(None, None)),
             self.event("response.in_progress", response=self.response(None, None)),
             self.event("response.output_item.added", output_index=0, item=self.message(None)),
-            self.event(
-                "response.content_part.added", **self.where, part={"type": "output_text", "text": "", "annotations": []}
-            ),
+            self.event("response.content_part.added", **self.where, part=self.text_part("")),
         ]
 
     def delta(self, text: str) -> str:
@@ -291,14 +366,11 @@ class ResponseShapes:
         text = "".join(self.parts)
         return [
             self.event("response.output_text.done", **self.where, text=text, logprobs=[]),
-            self.event(
-                "response.content_part.done",
-                **self.where,
-                part={"type": "output_text", "text": text, "annotations": []},
-            ),
+            self.event("response.content_part.done", **self.where, part=self.text_part(text)),
             self.event("response.output_item.done", output_index=0, item=self.message(text)),
             self.event("response.completed", response=self.response(text, pages)),
         ]
 
     def error(self, e: APIError) -> str:
-        return self.event("error", **e.body()["error"])
+        error = e.body()["error"]
+        return self.event("error", code=error["code"], message=error["message"], param=error["param"])

@@ -67,13 +67,19 @@ class ModelLoadError(RuntimeError):
 
 @dataclass
 class Job:
-    """A unit of work for the worker; ``sink`` receives its events from the worker thread."""
+    """A unit of work for the worker; ``sink`` receives its events from the worker thread.
+
+    ``keep_alive`` (seconds; None: the worker's) is how long the model stays loaded once the job is
+    done; a job with ``needs_model`` False runs without loading it (e.g. an unload request).
+    """
 
     model: str
     work: Work
     sink: Callable[[tuple[str, Any]], None]
     deadline: float
     cancelled: threading.Event = field(default_factory=threading.Event)
+    keep_alive: float | None = None
+    needs_model: bool = True
 
     def emit(self, event: Any) -> None:
         """Pass an event to the client; the check here is what cancels a job at its next token."""
@@ -94,13 +100,22 @@ class InferenceWorker:
         max_queue: the most jobs waiting behind the running one.
     """
 
-    def __init__(self, models: dict[str, str], default: str, loader: Callable[[str], Any], max_queue: int = 16):
+    def __init__(
+        self,
+        models: dict[str, str],
+        default: str,
+        loader: Callable[[str], Any],
+        max_queue: int = 16,
+        keep_alive: float = math.inf,
+    ):
         if default not in models:
             raise ValueError(f"the default model {default!r} is not among {sorted(models)}")
         self.models, self.default, self.loader = dict(models), default, loader
+        self.keep_alive = keep_alive
         self.queue: queue.Queue[Job | None] = queue.Queue(maxsize=max(1, max_queue))
         self.resident: str | None = None
-        self.state = "starting"  # starting, loading, ready, error
+        self.expires: float | None = None  # time.time() at which the idle resident model is unloaded
+        self.state = "starting"  # starting, loading, ready, idle (unloaded after keep_alive), error
         self.error: str | None = None
         self.busy = False
         self._model: Any = None
@@ -110,6 +125,11 @@ class InferenceWorker:
 
     def start(self) -> None:
         self._thread.start()
+
+    @property
+    def loaded_model(self) -> Any:
+        """The model in memory, or None (read it for its description only: it runs on the worker thread)."""
+        return self._model
 
     def stop(self, timeout: float = 10.0) -> None:
         """Finish the running job's current token, drop the waiting jobs and end the thread."""
@@ -125,7 +145,15 @@ class InferenceWorker:
             self.queue.put(None, timeout=timeout)
         self._thread.join(timeout)
 
-    def submit(self, model: str, work: Work, sink: Callable[[tuple[str, Any]], None], timeout: float) -> Job:
+    def submit(
+        self,
+        model: str,
+        work: Work,
+        sink: Callable[[tuple[str, Any]], None],
+        timeout: float,
+        keep_alive: float | None = None,
+        needs_model: bool = True,
+    ) -> Job:
         """Queue ``work`` for ``model``; events reach ``sink`` as ``("event", x)``, then ``("done", result)``
         or ``("error", exception)``.
 
@@ -135,7 +163,7 @@ class InferenceWorker:
         """
         if model not in self.models:
             raise KeyError(model)
-        job = Job(model, work, sink, time.monotonic() + timeout)
+        job = Job(model, work, sink, time.monotonic() + timeout, keep_alive=keep_alive, needs_model=needs_model)
         try:
             self.queue.put_nowait(job)
         except queue.Full:
@@ -155,12 +183,21 @@ class InferenceWorker:
         if job is not None:
             job.cancelled.set()
 
+    def _unload(self) -> None:
+        """Drop the resident model and give its memory back (keep_alive ran out, or another model is next)."""
+        if self.resident is not None:
+            logger.info("unloading model %s", self.resident)
+        self._model, self.resident, self.expires = None, None, None
+        gc.collect()
+        release_freed_memory()
+        if self.state == "ready":
+            self.state = "idle"
+
     def _load(self, name: str) -> None:
         if self.resident == name:
             return
         # One model in memory: drop the resident one before loading the next.
-        self._model, self.resident = None, None
-        gc.collect()
+        self._unload()
         self.state = "loading"
         try:
             self._model = self.loader(self.models[name])
@@ -172,16 +209,33 @@ class InferenceWorker:
 
     def _next(self) -> Job | None:
         """The next job; while none comes, the memory its predecessor's requests freed goes back to the
-        system (the last references to a request's pages drop after its job, on other threads)."""
+        system (the last references to a request's pages drop after its job, on other threads), and the
+        model is unloaded when its keep_alive runs out."""
         try:
             return self.queue.get(timeout=1.0)
         except queue.Empty:
             release_freed_memory()
-            return self.queue.get()
+        while True:
+            wait = None if self.expires is None else max(0.0, self.expires - time.time())
+            try:
+                return self.queue.get(timeout=wait)
+            except queue.Empty:
+                self._unload()
+
+    def _keep(self, seconds: float | None) -> None:
+        """Keep the resident model for ``seconds`` from now (None: the configured keep_alive; 0: unload)."""
+        seconds = self.keep_alive if seconds is None else seconds
+        if self.resident is None or math.isinf(seconds):
+            self.expires = None
+        elif seconds <= 0:
+            self._unload()
+        else:
+            self.expires = time.time() + seconds
 
     def _run(self) -> None:
         try:
             self._load(self.default)
+            self._keep(None)
         except ModelLoadError:
             pass
         while (job := self._next()) is not None:
@@ -192,7 +246,8 @@ class InferenceWorker:
             try:
                 if start > job.deadline:
                     raise JobTimeout()
-                self._load(job.model)
+                if job.needs_model:
+                    self._load(job.model)
                 job.sink(("done", job.work(self._model, job.emit)))
             except JobCancelled:
                 logger.info("job cancelled: its client went away")
@@ -203,6 +258,7 @@ class InferenceWorker:
                     job.sink(("error", e))
             finally:
                 self.busy, self._job = False, None
+                self._keep(job.keep_alive)
                 release_freed_memory()
                 self._mean_seconds = 0.8 * self._mean_seconds + 0.2 * (time.monotonic() - start)
 
@@ -211,7 +267,15 @@ class AsyncJob:
     """A job seen from an asyncio event loop: events arrive on an ``asyncio.Queue`` through
     ``loop.call_soon_threadsafe``."""
 
-    def __init__(self, worker: InferenceWorker, model: str, work: Work, timeout: float):
+    def __init__(
+        self,
+        worker: InferenceWorker,
+        model: str,
+        work: Work,
+        timeout: float,
+        keep_alive: float | None = None,
+        needs_model: bool = True,
+    ):
         loop = asyncio.get_running_loop()
         self.events_queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
 
@@ -221,7 +285,7 @@ class AsyncJob:
             except RuntimeError:  # the loop closed: nobody is listening any more
                 raise JobCancelled() from None
 
-        self.job = worker.submit(model, work, sink, timeout)
+        self.job = worker.submit(model, work, sink, timeout, keep_alive, needs_model)
         self.result: Any = None
         self.done = False
 

@@ -839,3 +839,38 @@ def test_nan_and_infinite_numbers_are_refused_everywhere(tiny_ckpt, tmp_path, mo
         status, _, error = kit.request(url, "/v1/ocr", form, headers={"Content-Type": ctype})
         kit.assert_error(status, error, 400)
         assert error["error"]["param"] == "repetition_penalty"
+
+
+def test_ollama_routes_refuse_bad_bodies_in_ollama_s_shape(tiny_ckpt):
+    """Ollama's routes answer every bad body with a 4xx and ``{"error": "..."}``, never a 500."""
+    import base64
+
+    kit = server_kit()
+    b64 = base64.b64encode(kit.png()).decode()
+    bomb = base64.b64encode(png_header(100_000, 100_000)).decode()
+    user = {"role": "user", "content": ""}
+    cases = [
+        (400, "/api/chat", {"model": "tiny", "messages": [user | {"images": "not-a-list"}]}),
+        (400, "/api/chat", {"model": "tiny", "messages": [user | {"images": ["@@not base64@@"]}]}),
+        (400, "/api/chat", {"model": "tiny", "messages": [user | {"images": [bomb]}]}),
+        (400, "/api/chat", {"model": "tiny", "messages": [user | {"content": ["a list"], "images": [b64]}]}),
+        (400, "/api/chat", {"model": "tiny", "messages": "hello"}),
+        (400, "/api/chat", {"model": "tiny", "messages": [user | {"images": [b64]}], "options": [1]}),
+        (400, "/api/chat", {"model": "tiny", "messages": [user | {"images": [b64]}], "stream": "yes"}),
+        (400, "/api/chat", {"model": "tiny", "messages": [user | {"images": [b64]}], "options": {"temperature": 9}}),
+        (400, "/api/chat", {"messages": [user | {"images": [b64]}]}),
+        (404, "/api/chat", {"model": "x" * 10_000, "messages": [user | {"images": [b64]}]}),
+        (400, "/api/generate", {"model": "tiny", "prompt": "read", "images": [b64], "keep_alive": {"m": 1}}),
+        (400, "/api/generate", {"model": "tiny", "prompt": "read", "images": [b64], "template": "{{ .Prompt }}"}),
+        (404, "/api/show", {"model": "nope"}),
+        (400, "/api/chat", b"[" * 100_000 + b"]" * 100_000),
+    ]
+    with kit.running_server(tiny_ckpt, max_body_mb=2) as url:
+        for status, path, body in cases:
+            got, _, error = kit.request(url, path, body)
+            assert got == status, (path, body if isinstance(body, dict) else body[:20], error)
+            assert isinstance(error, dict) and isinstance(error["error"], str) and len(error["error"]) < 300, error
+        ok, _, reply = kit.request(
+            url, "/api/chat", {"model": "tiny", "stream": False, "messages": [user | {"images": [b64]}]}
+        )
+        assert ok == 200 and reply["done"]

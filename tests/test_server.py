@@ -28,6 +28,7 @@ uvicorn = pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 
 from dsocr_server import create_app, remote  # noqa: E402
+from dsocr_server.protocol import NEEDS_IMAGE  # noqa: E402
 
 import dsocr_mlx  # noqa: E402
 from dsocr_mlx.pipeline import join_pages  # noqa: E402
@@ -107,7 +108,7 @@ def running_server(
     while True:
         try:
             with urllib.request.urlopen(base + "/health", timeout=5) as r:
-                if json.load(r)["status"] == "ready":
+                if json.load(r)["status"] in ("ready", "idle"):  # idle: loaded, then unloaded (keep_alive)
                     break
         except (urllib.error.URLError, ConnectionError):
             pass
@@ -286,9 +287,9 @@ def test_chat_stream_wire_format_and_extensions(base, client, tiny_model):
 
 
 def test_responses_string_image_and_pdf(client, tiny_model, tmp_path):
-    text_only = expected(tiny_model, None, prompt="hello")
+    # A conversation without an image is answered at once, without the model.
     r = client.responses.create(model="tiny", input="hello", max_output_tokens=TOKENS)
-    assert r.output_text == text_only.text and r.usage.output_tokens == TOKENS
+    assert r.output_text == NEEDS_IMAGE and r.usage.output_tokens == 0
     events = list(client.responses.create(model="tiny", input="hello", max_output_tokens=TOKENS, stream=True))
     kinds = [e.type for e in events]
     assert kinds[:4] == [
@@ -303,8 +304,8 @@ def test_responses_string_image_and_pdf(client, tiny_model, tmp_path):
         "response.output_item.done",
         "response.completed",
     ]
-    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == text_only.text
-    assert events[-1].response.output_text == text_only.text
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == NEEDS_IMAGE
+    assert events[-1].response.output_text == NEEDS_IMAGE
 
     data = png(3)
     parts = [{"type": "input_image", "image_url": data_url(data)}]
@@ -352,7 +353,6 @@ def test_ocr_upload(base, tiny_model):
         "truncated_png",
         "huge_dimensions",
         "wrong_model",
-        "no_image",
         "too_many_images",
         "oversize_body",
         "bad_key",
@@ -386,7 +386,6 @@ def test_bad_inputs_get_openai_errors(base, case):
         "truncated_png": (400, {"messages": image_message(image[: len(image) // 2])}, None),
         "huge_dimensions": (400, {"messages": image_message(huge_png_header())}, None),
         "wrong_model": (404, {"model": "nope", "messages": msg}, "model_not_found"),
-        "no_image": (400, {"messages": [{"role": "user", "content": "read this"}], "task": "markdown"}, "no_image"),
         "too_many_images": (400, {"messages": image_message(image, images=2)}, "too_many_images"),
         "oversize_body": (413, {"messages": image_message(b"x" * (1 << 20))}, "body_too_large"),
         "bad_key": (401, {"messages": msg}, "invalid_api_key"),
@@ -712,6 +711,7 @@ def test_handlers_stand_alone():
     from types import SimpleNamespace
 
     from dsocr_server import handlers
+    from dsocr_server.catalog import ModelCatalog
     from dsocr_server.protocol import APIError
     from starlette.requests import Request
 
@@ -719,7 +719,8 @@ def test_handlers_stand_alone():
 
     worker = SimpleNamespace(state="ready", resident="a", busy=False, queue=SimpleNamespace(qsize=lambda: 0))
     limits = {"allow_model_switch": False, "allow_remote_images": False, "max_body_mb": 1}
-    state = handlers.ServerState(OCROptions(), limits, {"a": "a-path", "b": "b-path"}, "a", worker)
+    models = {"a": "a-path", "b": "b-path"}
+    state = handlers.ServerState(OCROptions(), limits, models, "a", worker, ModelCatalog(models, "a"))
     app = SimpleNamespace(state=SimpleNamespace(dsocr=state))
     request = Request({"type": "http", "method": "GET", "path": "/", "headers": [], "app": app})
     models = json.loads(asyncio.run(handlers.list_models(request)).body)
