@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from .files import staged_files
 from .hub import resolve_model_path
 from .modes import family_mode
 from .options import DEFAULT_PROMPT, TASKS, OCROptions, build_prompt
-from .processing import ImageInput, ProcessedInputs, load_image, prepare_inputs
+from .processing import ImageInput, ProcessedInputs, prepare_inputs
 from .sampling import LoopDetector, Repetition
 from .tokenizer import EOS_TEXT, StreamingDetokenizer, Tokenizer
 
@@ -39,6 +39,7 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+RETRY_NOTE = "\n[repetition loop: retrying with stronger anti-repetition settings]\n"
 
 
 def _as_list(image: ImageInput | list[ImageInput] | None) -> list[ImageInput]:
@@ -232,22 +233,6 @@ class Decoding:
             **self.counts,
         )
 
-    def end(self) -> GenerationResponse:
-        """The last response when the tokens ran out before any finish (finish reason ``length``)."""
-        delta = self.detok.flush()
-        self._append(delta)
-        n = len(self.tokens)
-        return GenerationResponse(
-            delta,
-            None,
-            generation_tokens=n,
-            prompt_tps=0.0,
-            generation_tps=0.0,
-            finish_reason="stop" if self.stopped else "length",
-            output=self.stream.feed(self.raw),
-            **self.counts,
-        )
-
     def _append(self, delta: str) -> None:
         stops = self.options.stop
         if self.stopped:
@@ -342,7 +327,8 @@ class OCRModel:
             self.args.text.bos_token_id,
         )
 
-    def _image_embeddings(self, inputs: ProcessedInputs) -> Any:
+    def vision_embeddings(self, inputs: ProcessedInputs) -> Any:
+        """The vision towers' output for ``inputs`` as the backend holds it (a one-entry cache by pixels)."""
         if inputs.global_pixels.shape[0] == 0:
             return None
         # One-entry cache: asking again about the same image (another prompt or task) skips the vision towers.
@@ -362,16 +348,17 @@ class OCRModel:
 
     def image_embeddings(self, inputs: ProcessedInputs) -> np.ndarray:
         """Float32 ``[number of <image> tokens, hidden]``: the rows scattered into the prompt."""
-        emb = self._image_embeddings(inputs)
+        emb = self.vision_embeddings(inputs)
         if emb is None:
             return np.zeros((0, self.args.text.hidden_size), np.float32)
         return self.runtime.to_numpy(emb)
 
     def prefill_logits(self, inputs: ProcessedInputs) -> np.ndarray:
         """Float32 ``[vocab]`` logits at the last prompt position."""
-        return self.runtime.prefill_logits(inputs, self._image_embeddings(inputs))
+        return self.runtime.prefill_logits(inputs, self.vision_embeddings(inputs))
 
-    def _budget(self, inputs: ProcessedInputs, max_new_tokens: int) -> int:
+    def budget(self, inputs: ProcessedInputs, max_new_tokens: int) -> int:
+        """The tokens a prompt may generate: ``max_new_tokens``, or less where the context ends."""
         context = self.args.text.max_position_embeddings
         room = context - len(inputs.input_ids)
         if room <= 0:
@@ -411,76 +398,13 @@ class OCRModel:
             ``finish_reason`` and ``result``. After a loop with ``retry_on_repetition`` a ``restart``
             response says the text so far is discarded, and the retry follows.
         """
-        options = self.check_options((options or OCROptions()).merged(prompt=prompt, **overrides))
-        t0 = time.perf_counter()
-        pil = [load_image(im) for im in _as_list(image)]
-        if inputs is None:
-            inputs = self.prepare(pil, options.prompt_text, options.mode)
-        budget = self._budget(inputs, options.max_new_tokens)
-        t1 = time.perf_counter()
-        embeddings = self._image_embeddings(inputs)
-        self.runtime.synchronize()
-        t2 = time.perf_counter()
-        params = options.sampling_params(pdf_page=page is not None)
-        loop, retried, first_attempt = None, False, None
-        while True:
-            seq = Decoding(
-                self.tokenizer,
-                options,
-                self.args.text.eos_token_id,
-                budget,
-                len(inputs.input_ids),
-                inputs.num_image_tokens,
-                page,
-            )
-            response = None
-            with contextlib.closing(iter(self.runtime.generate(inputs, embeddings, budget, params))) as tokens:
-                for token in tokens:
-                    response = seq.add(token)
-                    if response.finish_reason:
-                        break
-                    yield response
-            if response is None or response.finish_reason is None:  # the runtime ended before the budget
-                response = seq.end()
-            first_attempt = first_attempt or seq  # the time to the first token is the first attempt's
-            if response.finish_reason == "repetition" and options.retry_on_repetition and not retried:
-                logger.info(
-                    "repetition loop (period %d): retrying with stronger anti-repetition", response.repetition.period
-                )
-                yield replace(response, text="", output="", finish_reason=None, restart=True)
-                loop, retried, params = response.repetition, True, params.stronger()
-                continue
-            break
-        t3 = time.perf_counter()
-        raw = seq.raw_text(self.tokenizer)
-        original = pil[0] if pil else None
-        blocks = [] if original is None else grounding.parse_blocks(raw, original.width, original.height, page or 0)
-        result = OCRResult(
-            token_ids=seq.tokens,
-            raw_text=raw,
-            text=textstream.markdown(raw, page),
-            finish_reason=response.finish_reason,
-            prompt_tokens=len(inputs.input_ids),
-            image_tokens=inputs.num_image_tokens,
-            blocks=blocks,
-            repetition=response.repetition or loop,
-            retried=retried,
-            page=page,
-            source=source,
-            image=original,
-        )
-        tail = seq.stream.finish(result.output_text(options.output))
-        t4 = time.perf_counter()
-        result.timings = {
-            "preprocess": t1 - t0,
-            "vision": t2 - t1,
-            "prefill": (first_attempt.first or t3) - first_attempt.start,
-            "first_token": (first_attempt.first or t3) - t1,
-            "generation_tps": response.generation_tps,
-            "postprocess": t4 - t3,
-            "total": t4 - t0,
-        }
-        yield replace(response, output=response.output + tail, result=result)
+        from .engine import BatchEngine
+
+        engine = BatchEngine(self)
+        item = engine.submit(image, prompt, options, inputs=inputs, page=page, source=source, **overrides)
+        while not item.done:
+            for _, response in engine.step():
+                yield response
 
     def ocr(
         self,
@@ -498,7 +422,7 @@ class OCRModel:
         result = None
         for response in self.stream_ocr(image, prompt, options, **overrides):
             if on_text is not None and response.restart:
-                on_text("\n[repetition loop: retrying with stronger anti-repetition settings]\n")
+                on_text(RETRY_NOTE)
             elif on_text is not None and response.output:
                 on_text(response.output)
             result = response.result or result
@@ -513,20 +437,50 @@ class OCRModel:
         *,
         pages: str | None = None,
         on_text: Callable[[str], None] | None = None,
+        batch_size: int = 1,
         **overrides: Any,
     ) -> Iterator[OCRResult]:
-        """OCR of many images and PDFs, yielding one result per image or PDF page as each finishes.
+        """OCR of many images and PDFs, yielding one result per image or PDF page, in input order.
 
         PDF pages are rendered at the options' ``dpi`` and use the official PDF rules (the 20/50 n-gram
         ban unless ``no_repeat_ngram_size`` is given, per-page figure names, blank-line collapse).
-        ``pages`` (``"1-3,7"``) selects PDF pages.
+        ``pages`` (``"1-3,7"``) selects PDF pages. With ``batch_size`` N, up to N pages decode together
+        (one forward per step for all of them); at most N pages are read ahead, so memory stays bounded by
+        N pages' pixels plus N rows of context (see README, "Batched decoding"). ``on_text`` gets the text
+        of the earliest unfinished page as it is generated, and a later page's as soon as it is the earliest.
         """
+        from .engine import BatchEngine
+
         options = self.check_options((options or OCROptions()).merged(prompt=prompt, **overrides))
+        engine = BatchEngine(self, batch_size)
+        sources = self._pages(inputs, pages, options.dpi)
+        order: deque = deque()  # submitted pages in input order, with the text held back for each
+        exhausted = False
+        while order or not exhausted:
+            while not exhausted and len(order) < batch_size:
+                item = next(sources, None)
+                if item is None:
+                    exhausted = True
+                    break
+                image, index, source = item
+                order.append([engine.submit(image, options=options, page=index, source=source), []])
+            for page, response in engine.step():
+                held = next(h for p, h in order if p is page)
+                text = RETRY_NOTE if response.restart else response.output
+                if on_text is not None and text:
+                    (on_text(text) if page is order[0][0] else held.append(text))
+            while order and order[0][0].result is not None:
+                yield order.popleft()[0].result
+                if order and on_text is not None and order[0][1]:
+                    on_text("".join(order[0][1]))
+                    order[0][1].clear()
+
+    @staticmethod
+    def _pages(inputs: Iterable[str | Path | ImageInput], pages: str | None, dpi: int) -> Iterator[tuple]:
+        """``(image, PDF page index or None, source)`` for every image and selected PDF page, lazily."""
         for item in inputs:
             if isinstance(item, (str, Path)) and pdf.is_pdf(item):
-                for index, page_image in pdf.render_pages(item, pages, options.dpi):
-                    yield self.ocr(page_image, options=options, page=index, source=str(item), on_text=on_text)
+                for index, page_image in pdf.render_pages(item, pages, dpi):
+                    yield page_image, index, str(item)
             else:
-                yield self.ocr(
-                    item, options=options, on_text=on_text, source=str(item) if isinstance(item, (str, Path)) else None
-                )
+                yield item, None, str(item) if isinstance(item, (str, Path)) else None

@@ -88,7 +88,7 @@ def tower_report(model, inputs, npz) -> str:
 
 def decoder_report(model, inputs, npz) -> str:
     """The decoder layer where the last position's hidden state first departs, and the routing."""
-    hidden, routing = decoder_trace(model, inputs, model._image_embeddings(inputs))
+    hidden, routing = decoder_trace(model, inputs, model.vision_embeddings(inputs))
     gaps = np.abs(hidden - npz["decoder_last_pos_hidden"]).max(axis=1)
     found = [f"hidden max |d| per layer {np.array2string(gaps, precision=2)}"]
     for layer, experts in routing.items():

@@ -32,10 +32,14 @@ class ScriptedRuntime:
     def image_embeddings(self, inputs):
         return object()
 
+    def decoder(self):
+        return ScriptedDecoder(self)
+
     def generate(self, inputs, embeddings, max_tokens, params=None):
-        self.calls.append(params)
-        script = self.scripts[min(len(self.calls) - 1, len(self.scripts) - 1)]
-        yield from script[:max_tokens]
+        decoder = self.decoder()
+        row = decoder.add(inputs, embeddings, max_tokens, params)
+        for _ in range(max_tokens):
+            yield decoder.step()[row]
 
     def prefill_logits(self, inputs, embeddings):
         raise NotImplementedError
@@ -50,6 +54,30 @@ class ScriptedRuntime:
 @pytest.fixture(scope="module")
 def tokenizer(tiny_ckpt):
     return Tokenizer.from_folder(tiny_ckpt)
+
+
+class ScriptedDecoder:
+    """The batch decoder of a :class:`ScriptedRuntime`: each row plays the script of its attempt (a script
+    that runs out repeats its last token, as a model stuck in a loop would)."""
+
+    def __init__(self, runtime: ScriptedRuntime):
+        self.runtime, self.rows = runtime, {}
+
+    def __len__(self):
+        return len(self.rows)
+
+    def add(self, inputs, embeddings, budget, params):
+        calls = self.runtime.calls
+        calls.append(params)
+        script = self.runtime.scripts[min(len(calls) - 1, len(self.runtime.scripts) - 1)]
+        self.rows[len(calls)] = iter(script[:budget] + script[-1:] * budget)
+        return len(calls)
+
+    def remove(self, row):
+        self.rows.pop(row, None)
+
+    def step(self):
+        return {row: next(tokens) for row, tokens in self.rows.items()}
 
 
 def scripted(tokenizer, *scripts) -> tuple[OCRModel, ScriptedRuntime]:
@@ -134,9 +162,9 @@ def test_a_loop_stops_early_and_is_retried_once_with_stronger_settings(tokenizer
     assert stream[-1].result.finish_reason == "repetition" and not stream[-1].result.retried
     assert len(runtime.calls) == 1
 
-    model, _ = scripted(tokenizer, loop)
+    model, _ = scripted(tokenizer, loop * 2)
     kept = model.ocr(Image.new("RGB", (300, 300)), mode="tiny", max_new_tokens=4000, detect_loops=False)
-    assert kept.finish_reason == "length" and len(kept.token_ids) == len(loop)
+    assert kept.finish_reason == "length" and kept.token_ids == (loop * 2)[:4000]
 
 
 def test_streamed_retry_announces_a_restart(tokenizer):

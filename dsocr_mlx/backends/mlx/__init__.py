@@ -142,6 +142,15 @@ class Runtime(RuntimeBase):
     def load(cls, folder: str | Path, args: ModelArgs, dtype: str, device: str | None = None) -> Runtime:
         return cls(load_model(folder, args, dtype), dtype, resolve_device(device))
 
+    def token_column(self, tokens: list[mx.array]) -> mx.array:
+        return mx.concatenate([t.reshape(1, 1) for t in tokens]).astype(mx.int32)
+
+    def launch(self, *arrays: mx.array) -> None:
+        mx.async_eval(*arrays)
+
+    def read_tokens(self, column: mx.array) -> list[int]:
+        return column.reshape(-1).tolist()
+
     def pixels(self, array: np.ndarray) -> mx.array:
         # The one place where NCHW pixels become MLX's NHWC.
         return mx.array(array.transpose(0, 2, 3, 1)).astype(DTYPES[self.dtype])

@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator, Sequence
 import mlx.core as mx
 
 from ...sampling import SamplingParams, banned_ngram_tokens
+from .cache import KVCache
 from .model import Model
 
 Sampler = Callable[[mx.array], mx.array]
@@ -88,6 +89,31 @@ def prefill(model: Model, input_embeddings: mx.array, cache: list, step_size: in
     return model.lm_head(hidden[:, -1, :]).astype(mx.float32)
 
 
+def row_cache(model: Model, length: int) -> list[KVCache]:
+    """A fresh cache for one row's prefill (it grows as needed: ``length`` is a hint)."""
+    return model.make_cache()
+
+
+class Batch:
+    """The rows decoding together: each joins with its own prefilled cache, in one batch cache per layer."""
+
+    def __init__(self, model: Model):
+        self.model = model
+        self.cache = model.make_batch_cache()
+
+    def add(self, cache: list[KVCache]) -> None:
+        for layer, row in zip(self.cache, cache):
+            layer.add(row)
+
+    def keep(self, rows: list[int]) -> None:
+        for layer in self.cache:
+            layer.keep(rows)
+
+    def logits(self, tokens: mx.array) -> mx.array:
+        """Float32 logits ``(B, V)`` after each row's token ``(B, 1)``, written into the caches."""
+        return self.model(tokens, self.cache)[:, -1, :].astype(mx.float32)
+
+
 def generate_step(
     prompt: Sequence[int],
     model: Model,
@@ -99,6 +125,9 @@ def generate_step(
     prefill_step_size: int = 512,
 ) -> Iterator[tuple[int, mx.array]]:
     """Yield ``(token, logits)`` per generated token; the caller decides when to stop.
+
+    The plain one-sequence loop (a batch of one, each token read before the next step is built): the
+    reference the pipelined :class:`~dsocr_mlx.backends.runtime.Decoder` is held to.
 
     Args:
         prompt: the prompt token ids (the processors see prompt + generated ids, like HF).
@@ -115,8 +144,9 @@ def generate_step(
     sampler = sampler or greedy
     tokens = [int(t) for t in prompt]
     cache = model.make_cache()
-
     logits = prefill(model, input_embeddings, cache, prefill_step_size)
+    batch = Batch(model)
+    batch.add(cache)
     for n in range(max_tokens):
         for processor in logits_processors:
             logits = processor(tokens, logits)
@@ -124,4 +154,4 @@ def generate_step(
         tokens.append(token)
         yield token, logits
         if n + 1 < max_tokens:
-            logits = model(mx.array([[token]]), cache)[:, -1, :].astype(mx.float32)
+            logits = batch.logits(mx.array([[token]]))

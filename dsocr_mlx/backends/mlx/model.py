@@ -11,7 +11,7 @@ import numpy as np
 
 from ...config import ModelArgs
 from ...weights import CONV_WEIGHTS, EXPERT_KEY
-from .cache import KVCache, make_cache
+from .cache import BatchKVCache, KVCache, make_batch_cache, make_cache
 from .clip import ClipVisionTower
 from .decoder import DecoderLayer
 from .projector import Projector
@@ -113,7 +113,7 @@ class DeepseekOCRModel(nn.Module):
         self, inputs: mx.array, cache: list[KVCache] | None = None, input_embeddings: mx.array | None = None
     ) -> mx.array:
         h = input_embeddings if input_embeddings is not None else self.embed_tokens(inputs)
-        mask = "causal" if h.shape[1] > 1 else None
+        mask = cache[0].attention_mask(h.shape[1]) if cache else ("causal" if h.shape[1] > 1 else None)
         cache = cache or [None] * len(self.layers)
         for layer, c in zip(self.layers, cache):
             h = layer(h, mask, c)
@@ -136,6 +136,9 @@ class Model(nn.Module):
 
     def make_cache(self) -> list[KVCache]:
         return make_cache(len(self.layers))
+
+    def make_batch_cache(self) -> list[BatchKVCache]:
+        return make_batch_cache(len(self.layers))
 
     @property
     def layers(self) -> list[Any]:

@@ -156,6 +156,12 @@ class Runtime(RuntimeBase):
         device = resolve_device(device)
         return cls(load_model(folder, args, dtype, device), dtype, device)
 
+    def token_column(self, tokens: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat([t.reshape(1, 1).to(self.device) for t in tokens])
+
+    def read_tokens(self, column: torch.Tensor) -> list[int]:
+        return column.reshape(-1).tolist()
+
     def pixels(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(array)).to(self.device, DTYPES[self.dtype])
 

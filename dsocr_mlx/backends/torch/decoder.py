@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...config import TextArgs
-from .cache import FixedShapeView
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -20,12 +19,17 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 def rope(x: torch.Tensor, theta: float, offset: int | torch.Tensor) -> torch.Tensor:
     """Half-split rotary embedding at positions ``offset..offset+L-1``; angles in float32 as the reference.
 
-    ``offset`` may be a ``(1,)`` device tensor, so that a captured decode step reads it at replay.
+    ``offset`` may be a ``(1,)`` device tensor, so that a captured decode step reads it at replay, or a
+    ``(B,)`` one: each row of a batch at its own position.
     """
     L, dim = x.shape[-2], x.shape[-1]
     inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, device=x.device, dtype=torch.float32) / dim))
-    t = offset + torch.arange(L, device=x.device, dtype=torch.float32)
-    freqs = torch.outer(t, inv_freq)
+    positions = torch.arange(L, device=x.device, dtype=torch.float32)
+    if isinstance(offset, torch.Tensor):
+        t = offset.to(torch.float32).reshape(-1, 1, 1) + positions[:, None]  # (B or 1, L, 1)
+        freqs = (t * inv_freq)[:, None]  # (B or 1, 1, L, dim / 2): one table per row, shared by the heads
+    else:
+        freqs = torch.outer(offset + positions, inv_freq)
     emb = torch.cat((freqs, freqs), dim=-1)
     cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
     return x * cos + rotate_half(x) * sin
@@ -71,12 +75,10 @@ class Attention(nn.Module):
             k, v = cache.update_and_fetch(k, v)
         causal = False
         gqa = self.num_heads != self.num_kv_heads
-        if isinstance(cache, FixedShapeView):
-            mask = cache.mask(L)
-        elif mask == "causal" and k.shape[2] == L:
+        if isinstance(mask, str) and k.shape[2] == L:  # "causal" over the whole sequence
             mask = None
             causal = True
-        elif mask == "causal":  # a chunk after cached positions: row i sees keys up to offset + i
+        elif isinstance(mask, str):  # a chunk after cached positions: row i sees keys up to offset + i
             mask = torch.ones(L, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - L)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale, enable_gqa=gqa

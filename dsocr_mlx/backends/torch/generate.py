@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 
 from ...sampling import SamplingParams, banned_ngram_tokens
-from .cache import FixedShapeView, KVCache
+from .cache import BatchKVCache, FixedShapeView, KVCache
 from .model import Model
 
 Sampler = Callable[[torch.Tensor], torch.Tensor]
@@ -123,12 +123,16 @@ class DecodeStep:
     def run(self) -> torch.Tensor:
         return self.model(self.token, self.views)[:, -1, :].float()
 
-    def __call__(self, token: int) -> torch.Tensor:
-        """The float32 logits ``(1, V)`` after ``token``, written at the cache's next position."""
+    def __call__(self, token: int | torch.Tensor) -> torch.Tensor:
+        """The float32 logits ``(1, V)`` after ``token`` (an int or a device tensor, read without a host
+        sync), written at the cache's next position."""
         position = self.cache[0].offset
         if position >= self.cache[0].keys.shape[2]:
             raise ValueError(f"the KV cache holds {self.cache[0].keys.shape[2]} positions and is full")
-        self.token.fill_(token)
+        if isinstance(token, torch.Tensor):
+            self.token.copy_(token.reshape(1, 1))
+        else:
+            self.token.fill_(token)
         self.position.fill_(position)
         if self.capture:
             self._capture()
@@ -190,6 +194,69 @@ class DecodeStep:
         return eager
 
 
+def row_cache(model: Model, length: int) -> list[KVCache]:
+    """One row's cache, preallocated for its prompt and budget (``length``): no reallocation while decoding,
+    and fixed buffers for a CUDA graph."""
+    return model.make_cache(max_length=length)
+
+
+class Batch:
+    """The rows decoding together: each joins with its own prefilled cache, in one batch cache per layer.
+
+    A row decoding alone keeps its own preallocated cache and, on CUDA, a :class:`DecodeStep` replayed as a
+    CUDA graph (where a step's launch cost bounds the speed); a second row joining moves both into the
+    batch caches and decoding goes on eagerly.
+    """
+
+    def __init__(self, model: Model, cuda_graph: bool | None = None):
+        self.model, self.cuda_graph = model, cuda_graph
+        self.alone: list[KVCache] | None = None
+        self.decode: DecodeStep | None = None
+        self.cache: list[BatchKVCache] | None = None
+
+    def add(self, cache: list[KVCache]) -> None:
+        if self.alone is None and self.cache is None:
+            self.alone = cache
+            return
+        if self.alone is not None:
+            self.cache, alone = self.model.make_batch_cache(), self.alone
+            self.alone, self.decode = None, None
+            self.add_to_batch(alone)
+        self.add_to_batch(cache)
+
+    def add_to_batch(self, cache: list[KVCache]) -> None:
+        for layer, row in zip(self.cache, cache):
+            layer.add(row)
+
+    def keep(self, rows: list[int]) -> None:
+        if self.alone is not None:
+            if rows != [0]:
+                self.alone, self.decode = None, None
+            return
+        for layer in self.cache or []:
+            layer.keep(rows)
+        if not rows:
+            self.cache = None
+
+    def logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Float32 logits ``(B, V)`` after each row's token ``(B, 1)``, written into the caches."""
+        if self.alone is None:
+            return self.model(tokens, self.cache)[:, -1, :].float()
+        if self.decode is None and self._use_graph():
+            device = self.model.lm_head.weight.device
+            self.decode = DecodeStep(self.model, self.alone, capture=device.type == "cuda")
+        if self.decode is not None:
+            return self.decode(tokens)
+        return self.model(tokens, self.alone)[:, -1, :].float()
+
+    def _use_graph(self) -> bool:
+        if self.cuda_graph is not None:
+            return self.cuda_graph
+        first = self.alone[0]
+        room = (first.max_length or 0) - first.offset
+        return cuda_graphs_enabled(self.model.lm_head.weight.device, room)
+
+
 @torch.inference_mode()
 def generate_step(
     prompt: Sequence[int],
@@ -203,6 +270,9 @@ def generate_step(
     cuda_graph: bool | None = None,
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield ``(token, logits)`` per generated token; the caller decides when to stop.
+
+    The plain one-sequence loop (a batch of one, each token read before the next step is built): the
+    reference the pipelined :class:`~dsocr_mlx.backends.runtime.Decoder` is held to.
 
     Args:
         prompt: the prompt token ids (the processors see prompt + generated ids, like HF).
@@ -221,22 +291,16 @@ def generate_step(
     """
     sampler = sampler or greedy
     tokens = [int(t) for t in prompt]
-    # Preallocated once for the whole run: no reallocation while decoding.
-    cache = model.make_cache(max_length=input_embeddings.shape[1] + max_tokens)
+    cache = row_cache(model, input_embeddings.shape[1] + max_tokens)
     device = input_embeddings.device
-    if cuda_graph is None:
-        cuda_graph = cuda_graphs_enabled(device, max_tokens)
-
     logits = prefill(model, input_embeddings, cache, prefill_step_size)
-    decode = DecodeStep(model, cache, capture=device.type == "cuda") if cuda_graph else None
+    batch = Batch(model, cuda_graph)
+    batch.add(cache)
     for n in range(max_tokens):
         for processor in logits_processors:
             logits = processor(tokens, logits)
         token = int(sampler(logits).item())
         tokens.append(token)
         yield token, logits
-        if n + 1 < max_tokens and decode is not None:
-            logits = decode(token)
-        elif n + 1 < max_tokens:
-            step = torch.tensor([[token]], device=device)
-            logits = model(step, cache)[:, -1, :].float()
+        if n + 1 < max_tokens:
+            logits = batch.logits(torch.tensor([[token]], device=device))

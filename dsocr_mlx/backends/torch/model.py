@@ -11,7 +11,7 @@ from torch import nn
 
 from ...config import ModelArgs
 from ...weights import CONV_WEIGHTS, EXPERT_KEY
-from .cache import KVCache, make_cache
+from .cache import BatchKVCache, KVCache, make_batch_cache, make_cache
 from .clip import ClipVisionTower
 from .decoder import DecoderLayer, RMSNorm
 from .projector import Projector
@@ -120,7 +120,7 @@ class DeepseekOCRModel(nn.Module):
         input_embeddings: torch.Tensor | None = None,
     ) -> torch.Tensor:
         h = input_embeddings if input_embeddings is not None else self.embed_tokens(inputs)
-        mask = "causal" if h.shape[1] > 1 else None
+        mask = cache[0].attention_mask(h.shape[1]) if cache else ("causal" if h.shape[1] > 1 else None)
         cache = cache or [None] * len(self.layers)
         for layer, c in zip(self.layers, cache):
             h = layer(h, mask, c)
@@ -146,6 +146,9 @@ class Model(nn.Module):
 
     def make_cache(self, max_length: int | None = None) -> list[KVCache]:
         return make_cache(len(self.layers), max_length)
+
+    def make_batch_cache(self) -> list[BatchKVCache]:
+        return make_batch_cache(len(self.layers))
 
     @property
     def layers(self) -> list[Any]:

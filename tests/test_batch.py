@@ -1,0 +1,131 @@
+"""Batched decoding: rows of different prompt lengths that join and leave between steps decode exactly the
+tokens they decode alone, on both backends, with their own sampling settings and logits processors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import dsocr_mlx
+from dsocr_mlx.sampling import SamplingParams
+from tests.conftest import assert_close
+from tests.tolerances import CACHE
+
+GREEDY = SamplingParams(no_repeat_ngram_size=0)
+
+
+@pytest.fixture(scope="module", params=["mlx", "torch"])
+def model(request, tiny_ckpt, tiny_model):
+    if request.param == "mlx":
+        return tiny_model
+    pytest.importorskip("torch")
+    return dsocr_mlx.load(str(tiny_ckpt), backend="torch", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def rows(model, sample_image):
+    """Four prompts of four lengths: two modes, two tasks, one image cropped."""
+    small = Image.fromarray(sample_image).crop((0, 0, 500, 380))
+    cases = [
+        (sample_image, "<image>\nFree OCR.", "tiny"),
+        (sample_image, "<image>\n<|grounding|>Convert the document to markdown.", "small"),
+        (small, "<image>\nParse the figure.", "base"),
+        (small, "<image>\nDescribe this image in detail.", "tiny"),
+    ]
+    out = []
+    for image, prompt, mode in cases:
+        inputs = model.prepare(image, prompt, mode=mode)
+        out.append((inputs, model.runtime.image_embeddings(inputs)))
+    assert len({len(i.input_ids) for i, _ in out}) == 4
+    return out
+
+
+def alone(model, inputs, embeddings, n, params=GREEDY):
+    return list(model.runtime.generate(inputs, embeddings, n, params))
+
+
+def test_rows_that_join_and_leave_decode_their_own_tokens(model, rows):
+    n = 10
+    want = [alone(model, i, e, n) for i, e in rows]
+    decoder = model.runtime.decoder()
+    got: dict[int, list[int]] = {}
+    ids = [decoder.add(rows[0][0], rows[0][1], n, GREEDY), decoder.add(rows[1][0], rows[1][1], n, GREEDY)]
+    for step in range(n + 6):
+        if step == 3:  # a longer prompt joins a running batch: the others are padded on the left
+            ids.append(decoder.add(rows[2][0], rows[2][1], n, GREEDY))
+        if step == 5:
+            ids.append(decoder.add(rows[3][0], rows[3][1], n, GREEDY))
+        for row, token in decoder.step().items():
+            got.setdefault(row, []).append(token)
+            if len(got[row]) == (4 if row == ids[1] else n):  # row 1 leaves early, the others go on
+                decoder.remove(row)
+    assert len(decoder) == 0
+    assert got[ids[1]] == want[1][:4]
+    for row, expected in zip([ids[0], ids[2], ids[3]], [want[0], want[2], want[3]]):
+        assert got[row] == expected
+
+
+def test_each_row_keeps_its_sampling_and_processors(model, rows):
+    n = 12
+    settings = [
+        SamplingParams(temperature=0.8, top_p=0.9, seed=7, no_repeat_ngram_size=0),
+        SamplingParams(no_repeat_ngram_size=2, ngram_window=8),
+        SamplingParams(repetition_penalty=1.3, no_repeat_ngram_size=0),
+    ]
+    want = [alone(model, i, e, n, p) for (i, e), p in zip(rows, settings)]
+    decoder = model.runtime.decoder()
+    ids = [decoder.add(i, e, n, p) for (i, e), p in zip(rows, settings)]
+    got = {row: [] for row in ids}
+    for _ in range(n):
+        for row, token in decoder.step().items():
+            got[row].append(token)
+    assert [got[row] for row in ids] == want
+
+
+def test_batch_logits_equal_each_rows_own(model, rows):
+    """One step of a padded batch against each row's own cache: the same logits (float32)."""
+    runtime, g = model.runtime, model.runtime.generation
+    with runtime.inference():
+        batch, singles, tokens = g.Batch(runtime.model), [], []
+        for inputs, emb in rows:
+            embeds = runtime.input_embeddings(inputs, emb)
+            for _ in range(2):  # the same prefill twice: one cache joins the batch, one stays alone
+                cache = g.row_cache(runtime.model, embeds.shape[1] + 4)
+                logits = g.prefill(runtime.model, embeds, cache)
+                (singles.append(cache) if _ else batch.add(cache))
+            tokens.append(int(np.argmax(runtime.to_numpy(logits))))
+        together = runtime.to_numpy(batch.logits(runtime.token_column([_token(runtime, t) for t in tokens])))
+        for b, (cache, token) in enumerate(zip(singles, tokens)):
+            single = g.Batch(runtime.model)
+            single.add(cache)
+            own = runtime.to_numpy(single.logits(runtime.token_column([_token(runtime, token)])))
+            assert_close(together[b : b + 1], own, **CACHE, what=f"row {b}")
+
+
+def _token(runtime, token: int):
+    if runtime.name == "mlx":
+        import mlx.core as mx
+
+        return mx.array([token])
+    import torch
+
+    return torch.tensor([token])
+
+
+def test_ocr_many_in_batches_gives_the_results_of_one_at_a_time(model, sample_image, tmp_path):
+    """Images and PDF pages of several sizes and modes, in batches of 3: the same results, in input order,
+    and the streamed text is each page's text, page after page."""
+    rng = np.random.default_rng(5)
+    doc = tmp_path / "doc.pdf"
+    pages = [Image.fromarray(rng.integers(0, 255, (90 + 30 * i, 70, 3), dtype=np.uint8)) for i in range(3)]
+    pages[0].save(doc, "PDF", save_all=True, append_images=pages[1:])
+    inputs = [sample_image, doc, Image.fromarray(sample_image).crop((0, 0, 300, 200))]
+    kwargs = dict(mode="tiny", max_new_tokens=9, task="free")
+    one = list(model.ocr_many(inputs, **kwargs))
+    streamed: list[str] = []
+    batched = list(model.ocr_many(inputs, batch_size=3, on_text=streamed.append, **kwargs))
+    assert [(r.source, r.page) for r in batched] == [(r.source, r.page) for r in one]
+    assert [r.token_ids for r in batched] == [r.token_ids for r in one]
+    assert [r.text for r in batched] == [r.text for r in one]
+    assert "".join(streamed) == "".join(r.text for r in one)
