@@ -41,7 +41,10 @@ def _remove_leftovers(parent: Path, name: str) -> None:
         for stale in parent.glob(glob.escape(f".{name}{kind}") + "*"):
             pid = stale.name[len(f".{name}{kind}") :].split("-", 1)[0]
             if pid.isdigit() and not process_alive(int(pid)) and not stale.is_symlink():
-                shutil.rmtree(stale, ignore_errors=True)
+                if stale.is_dir():
+                    shutil.rmtree(stale, ignore_errors=True)
+                else:
+                    stale.unlink(missing_ok=True)
 
 
 def _hidden(parent: Path, name: str, kind: str) -> Path:
@@ -117,6 +120,23 @@ def staged_files(out: str | Path, last: str) -> Iterator[Path]:
             os.replace(path, target)
     finally:
         shutil.rmtree(staged, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged_file(path: str | Path) -> Iterator[Path]:
+    """A hidden file name beside ``path`` to write into; when the block ends without an error it replaces
+    ``path`` in one atomic rename. On an error or an interrupt it is removed and ``path`` is left as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(path.parent, path.name)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}{PARTIAL}{os.getpid()}-", dir=path.parent)
+    os.close(fd)
+    staged = Path(name)
+    try:
+        yield staged
+        os.replace(staged, path)
+    finally:
+        staged.unlink(missing_ok=True)
 
 
 def same_or_inside(path: Path, other: Path) -> bool:

@@ -83,7 +83,7 @@ class OCRResult:
     timings: dict[str, float] = field(default_factory=dict)
     repetition: Repetition | None = None  # the loop that stopped the first attempt, if any
     retried: bool = False
-    page: int | None = None  # zero-based page of a PDF
+    page: int | None = None  # zero-based page of a PDF (the JSON's "page_index"; its "page" counts from 1)
     source: str | None = None
     image: Image.Image | None = field(default=None, repr=False)
 
@@ -108,7 +108,10 @@ class OCRResult:
         rep = self.repetition
         return {
             "source": self.source,
-            "page": self.page,
+            # "page" counts from 1 as --pages does; "page_index" is the zero-based index of the official
+            # figure names (images/{page_index}_N.jpg). Both are null for an image.
+            "page": None if self.page is None else self.page + 1,
+            "page_index": self.page,
             "text": self.text,
             "raw_text": self.raw_text,
             "finish_reason": self.finish_reason,
@@ -120,9 +123,10 @@ class OCRResult:
             "image_size": None if self.image is None else list(self.image.size),
         }
 
-    def save(self, out_dir: str | Path, overwrite: bool = False) -> Path:
+    def save(self, out_dir: str | Path, overwrite: bool = False, searchable: bool = False) -> Path:
         """Write the official artefacts: ``result.mmd``, ``result_ori.mmd``, ``result_with_boxes.jpg``,
-        ``images/N.jpg`` (figure crops) and ``result.json``.
+        ``images/N.jpg`` (figure crops) and ``result.json``; with ``searchable`` also ``result_searchable.pdf``
+        (the image with an invisible text layer, :func:`dsocr_mlx.pdf.save_searchable_pdf`).
 
         They are written aside and moved into ``out_dir`` when all are complete, ``result.mmd`` last:
         an interrupted save leaves no ``result.mmd``, so the folder never looks finished.
@@ -136,6 +140,8 @@ class OCRResult:
             if self.image is not None:
                 grounding.draw_blocks(self.image, self.blocks).save(staged / "result_with_boxes.jpg")
                 grounding.save_figures(self.image, self.blocks, staged / "images")
+                if searchable:
+                    pdf.save_searchable_pdf([self], staged / "result_searchable.pdf")
             (staged / "result.json").write_text(
                 json.dumps(self.to_dict(), indent=1, ensure_ascii=False), encoding="utf-8"
             )
@@ -149,9 +155,12 @@ def join_pages(results: Iterable[OCRResult], raw: bool = False, output: str | No
     return "".join(r.output_text(form) + f"\n{pdf.PAGE_SEPARATOR}\n" for r in results)
 
 
-def save_pdf_results(results: list[OCRResult], out_dir: str | Path, stem: str, overwrite: bool = False) -> Path:
+def save_pdf_results(
+    results: list[OCRResult], out_dir: str | Path, stem: str, overwrite: bool = False, searchable: bool = False
+) -> Path:
     """The official PDF artefacts: ``{stem}.mmd``, ``{stem}_det.mmd``, ``{stem}_layouts.pdf``, ``images/``,
-    plus ``{stem}.json`` with every page's blocks and usage; written aside, ``{stem}.mmd`` moved in last."""
+    plus ``{stem}.json`` with every page's blocks and usage, and with ``searchable`` ``{stem}_searchable.pdf``
+    (:func:`dsocr_mlx.pdf.save_searchable_pdf`); written aside, ``{stem}.mmd`` moved in last."""
     out = Path(out_dir)
     if (out / f"{stem}.mmd").exists() and not overwrite:
         raise FileExistsError(f"{out / (stem + '.mmd')} exists; pass overwrite=True to replace it")
@@ -164,6 +173,8 @@ def save_pdf_results(results: list[OCRResult], out_dir: str | Path, stem: str, o
                 drawn.append(grounding.draw_blocks(r.image, r.blocks))
                 grounding.save_figures(r.image, r.blocks, staged / "images", prefix=f"{r.page}_")
         pdf.save_images_as_pdf(drawn, staged / f"{stem}_layouts.pdf")
+        if searchable and drawn:
+            pdf.save_searchable_pdf(results, staged / f"{stem}_searchable.pdf")
         (staged / f"{stem}.json").write_text(
             json.dumps([r.to_dict() for r in results], indent=1, ensure_ascii=False), encoding="utf-8"
         )

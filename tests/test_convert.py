@@ -16,7 +16,7 @@ mx = pytest.importorskip("mlx.core")
 nn = pytest.importorskip("mlx.nn")
 
 from dsocr_mlx.backends.mlx.model import Model  # noqa: E402
-from dsocr_mlx.backends.mlx.quantize import QuantizedSwitchLinear  # noqa: E402
+from dsocr_mlx.backends.mlx.quantize import RECIPES, QuantizedSwitchLinear, QuantPolicy  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -110,9 +110,11 @@ def test_shards_and_refusals(tiny_ckpt, tmp_path, inputs):
     assert not (tmp_path / "q7").exists() or not any((tmp_path / "q7").iterdir())
 
 
-def write_mlx_vlm_folder(src, dst, quantize_bits: int | None = None):
+def write_mlx_vlm_folder(src, dst, quantize_bits: int | None = None, high_bits: int | None = None):
     """A faithful copy of the layout mlx-vlm's converter writes for DeepSeek-OCR (``deepseekocr``) and
-    DeepSeek-OCR-2 (``deepseekocr_2``): its sanitize rules, and its quantizer skipping the vision towers."""
+    DeepSeek-OCR-2 (``deepseekocr_2``): its sanitize rules, and its quantizer skipping the vision towers.
+    With ``high_bits``, its ``--quant-predicate`` recipes: v_proj, down_proj, lm_head and embed_tokens at
+    ``high_bits``, each layer's parameters recorded in config.json under mlx-vlm's own module names."""
     weights = {}
     for f in sorted(src.glob("*.safetensors")):
         weights.update(mx.load(str(f)))
@@ -139,7 +141,7 @@ def write_mlx_vlm_folder(src, dst, quantize_bits: int | None = None):
     if quantize_bits:
         # mlx-vlm quantizes every layer with to_quantized whose weight splits into groups of 64; for
         # deepseekocr_2 it skips the vision towers (SAM, the Qwen2 encoder) but not the projector.
-        quantized = {}
+        quantized, per_layer = {}, {}
         for key, value in renamed.items():
             path = key.rsplit(".", 1)[0]
             if (
@@ -153,12 +155,16 @@ def write_mlx_vlm_folder(src, dst, quantize_bits: int | None = None):
                 and "patch_embedding" not in key
                 and ".mlp.gate." not in key
             ):
-                w, scales, biases = mx.quantize(value, 64, quantize_bits)
+                high = high_bits and any(p in path for p in ("v_proj", "down_proj", "lm_head", "embed_tokens"))
+                bits = high_bits if high else quantize_bits
+                w, scales, biases = mx.quantize(value, 64, bits)
                 quantized.update({f"{path}.weight": w, f"{path}.scales": scales, f"{path}.biases": biases})
+                if high_bits:
+                    per_layer[path] = {"group_size": 64, "bits": bits}
             else:
                 quantized[key] = value
         renamed = quantized
-        config["quantization"] = {"group_size": 64, "bits": quantize_bits}
+        config["quantization"] = {"group_size": 64, "bits": quantize_bits, **per_layer}
     dst.mkdir()
     mx.save_safetensors(str(dst / "model.safetensors"), renamed)
     (dst / "config.json").write_text(json.dumps(config))
@@ -249,3 +255,132 @@ def test_script_shell_and_offline_upload(tiny_ckpt, tmp_path, monkeypatch):
     with pytest.raises(ConnectionError, match="upload to|HF_HUB_OFFLINE"):
         convert(tiny_ckpt, tmp_path / "up", upload_repo="someone/dsocr-test", show_progress=False)
     assert (tmp_path / "up" / "config.json").is_file()  # the conversion itself is kept
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Mixed-precision recipes
+# --------------------------------------------------------------------------------------------------------------
+
+
+def module_bits(model) -> dict[str, int]:
+    return {p: m.bits for p, m in model.named_modules() if hasattr(m, "scales")}
+
+
+def expected_recipe_bits(path: str, low: int, high: int) -> int:
+    return low if ".mlp.experts." in path else high
+
+
+@pytest.mark.parametrize("recipe", ["mixed_4_8", "mixed_3_6"])
+def test_recipe_round_trip(tiny_ckpt, tmp_path, inputs, tiny_model, recipe):
+    low, high = RECIPES[recipe]
+    out = convert(tiny_ckpt, tmp_path / recipe, q_recipe=recipe, q_group_size=32, show_progress=False)
+    q = json.loads((out.path / "config.json").read_text())["quantization"]
+    assert q["recipe"] == recipe and q["bits"] == low and q["group_size"] == 32 and q["mode"] == "affine"
+    assert q["policy"] == {"experts": low, "attention": high, "mlp": high, "lm_head": high} | {
+        "embed_tokens": False,
+        "vision": False,
+    }
+    saved = {}
+    for f in out.files:
+        saved.update(mx.load(str(out.path / f)))
+    quantized = sorted(k[: -len(".scales")] for k in saved if k.endswith(".scales"))
+    entries = sorted(k for k in q if isinstance(q[k], dict) and k != "policy")
+    assert entries == quantized  # every quantized module records its own parameters, as mlx-lm's recipes do
+    for path in quantized:
+        assert q[path] == {"group_size": 32, "bits": expected_recipe_bits(path, low, high), "mode": "affine"}
+    model = dsocr_mlx.load(str(out.path))  # no flags
+    bits = module_bits(model.runtime.model)
+    assert sorted(bits) == quantized and all(b == expected_recipe_bits(p, low, high) for p, b in bits.items())
+    m = model.runtime.model
+    assert isinstance(m.model.layers[1].mlp.experts.down_proj, QuantizedSwitchLinear)
+    assert type(m.model.embed_tokens) is nn.Embedding and type(m.model.sam_model.blocks[0].attn.qkv) is nn.Linear
+    assert np.corrcoef(model.prefill_logits(inputs), tiny_model.prefill_logits(inputs))[0, 1] > 0.9
+
+
+def test_recipe_sizes_order(tiny_ckpt, tmp_path):
+    sizes = {}
+    for name, kwargs in [
+        ("q4", {"q_bits": 4}),
+        ("mixed_3_6", {"q_recipe": "mixed_3_6"}),
+        ("mixed_4_8", {"q_recipe": "mixed_4_8"}),
+        ("q8", {"q_bits": 8}),
+    ]:
+        out = convert(tiny_ckpt, tmp_path / name, q_group_size=32, show_progress=False, **kwargs)
+        sizes[name] = sum((out.path / f).stat().st_size for f in out.files)
+    assert sizes["mixed_3_6"] < sizes["mixed_4_8"] < sizes["q8"] and sizes["q4"] < sizes["mixed_4_8"]
+
+
+def test_recipe_overrides_and_refusals(tiny_ckpt, tmp_path):
+    out = convert(
+        tiny_ckpt,
+        tmp_path / "qv",
+        q_recipe="mixed_4_6",
+        q_group_size=32,
+        q_policy={"vision": True, "lm_head": False, "attention": 5},
+        show_progress=False,
+    )
+    m = dsocr_mlx.load(str(out.path)).runtime.model
+    assert m.model.sam_model.blocks[0].attn.qkv.bits == 6  # vision at the recipe's high bits
+    assert type(m.lm_head) is nn.Linear and m.model.layers[1].self_attn.q_proj.bits == 5
+    assert m.model.layers[1].mlp.experts.gate_proj.bits == 4
+    custom = convert(
+        tiny_ckpt, tmp_path / "custom", q_bits=4, q_group_size=32, q_policy={"attention": 8}, show_progress=False
+    )
+    q = json.loads((custom.path / "config.json").read_text())["quantization"]
+    assert q["model.layers.1.self_attn.q_proj"]["bits"] == 8 and q["lm_head"]["bits"] == 4
+    m = dsocr_mlx.load(str(custom.path)).runtime.model
+    assert m.model.layers[1].self_attn.o_proj.bits == 8 and m.model.layers[1].mlp.experts.up_proj.bits == 4
+    with pytest.raises(ValueError, match="unknown quantization recipe 'mixed_9_9': choose one of mixed_2_6"):
+        convert(tiny_ckpt, tmp_path / "bad", q_recipe="mixed_9_9", show_progress=False)
+    with pytest.raises(ValueError, match="not both"):
+        convert(tiny_ckpt, tmp_path / "bad", q_recipe="mixed_4_8", q_bits=4, show_progress=False)
+    with pytest.raises(ValueError, match="only the affine mode"):
+        convert(tiny_ckpt, tmp_path / "bad", q_recipe="mixed_4_8", q_mode="mxfp4", show_progress=False)
+    with pytest.raises(ValueError, match="need the affine mode"):
+        QuantPolicy(bits=4, group_size=32, mode="mxfp4", attention=8)
+    with pytest.raises(ValueError, match="attention: quantization bits"):
+        QuantPolicy(attention=7)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_v2_recipe_keeps_the_qwen2_encoder_float(tiny_v2_ckpt, tmp_path, v2_inputs, tiny_v2_model):
+    out = convert(tiny_v2_ckpt, tmp_path / "m", q_recipe="mixed_4_8", q_group_size=32, show_progress=False)
+    model = dsocr_mlx.load(str(out.path))
+    m = model.runtime.model
+    assert m.model.layers[1].mlp.experts.gate_proj.bits == 4 and m.model.layers[1].self_attn.q_proj.bits == 8
+    assert not any(p.startswith("model.qwen2_model") for p in module_bits(m))
+    assert np.corrcoef(model.prefill_logits(v2_inputs), tiny_v2_model.prefill_logits(v2_inputs))[0, 1] > 0.9
+    qv = convert(tiny_v2_ckpt, tmp_path / "qv", q_recipe="mixed_4_8", q_group_size=32, q_policy={"vision": True})
+    m = dsocr_mlx.load(str(qv.path)).runtime.model
+    assert m.model.qwen2_model.model.model.layers[0].mlp.gate_proj.bits == 8
+
+
+def test_mixed_folders_of_mlx_vlm_load_from_their_shapes(tiny_ckpt, tmp_path, inputs):
+    reference = dsocr_mlx.load(str(tiny_ckpt), dtype="float16").prefill_logits(inputs)
+    folder = write_mlx_vlm_folder(tiny_ckpt, tmp_path / "vlm36", quantize_bits=3, high_bits=6)
+    model = dsocr_mlx.load(str(folder))  # its per-layer entries name mlx-vlm's modules: the shapes tell
+    bits = module_bits(model.runtime.model)
+    assert bits["model.layers.1.self_attn.v_proj"] == 6 and bits["model.layers.1.self_attn.q_proj"] == 3
+    assert bits["lm_head"] == 6 and bits["model.embed_tokens"] == 6 and len(set(bits.values())) == 2
+    high = ("v_proj", "down_proj", "lm_head", "embed_tokens")
+    assert all(b == (6 if any(h in p for h in high) else 3) for p, b in bits.items())
+    assert np.corrcoef(model.prefill_logits(inputs), reference)[0, 1] > 0.9
+
+
+def test_recipe_on_the_command_line(tiny_ckpt, tmp_path):
+    for spelling in (["--q-recipe", "mixed_4_8"], ["-q", "--quant-predicate", "mixed_3_6"]):
+        dst = tmp_path / spelling[-1]
+        run = subprocess.run(
+            [sys.executable, "-m", "dsocr_convert", str(tiny_ckpt), str(dst), "--q-group-size", "32", *spelling],
+            capture_output=True,
+            text=True,
+        )
+        assert run.returncode == 0, run.stderr
+        assert f"{spelling[-1]} quantized" in run.stdout
+        assert json.loads((dst / "config.json").read_text())["quantization"]["recipe"] == spelling[-1]
+    bad = subprocess.run(
+        [sys.executable, "-m", "dsocr_convert", str(tiny_ckpt), str(tmp_path / "x"), "--q-recipe", "mixed_5_5"],
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 1 and "unknown quantization recipe" in bad.stderr and "Traceback" not in bad.stderr

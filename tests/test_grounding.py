@@ -16,7 +16,19 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from dsocr_mlx.grounding import Block, clean_markdown, draw_blocks, parse_blocks, parse_boxes, save_figures, to_pixels
+from dsocr_mlx.grounding import (
+    Block,
+    clean_markdown,
+    contrast_ratio,
+    draw_blocks,
+    label_colours,
+    label_font_size,
+    layout_labels,
+    parse_blocks,
+    parse_boxes,
+    save_figures,
+    to_pixels,
+)
 
 # --------------------------------------------------------------------------------------------------------------
 # The official code, transcribed (run_dpsk_ocr_image.py / run_dpsk_ocr_pdf.py), for well-formed input only
@@ -474,7 +486,11 @@ def test_draw_blocks_draws_inside_boxes_only(mode):
     x1, y1, x2, y2 = blocks[0].box_px
     assert diff[y1 : y2 + 1, x1 : x2 + 1].sum() > 0
     outside = diff.copy()
-    outside[max(0, y1 - 16) : y2 + 1, x1 : x2 + 1] = 0  # the box and its label above it
+    outside[y1 : y2 + 1, x1 : x2 + 1] = 0  # the box
+    ((_, label),) = layout_labels(image.size, blocks)
+    lx1, ly1, lx2, ly2 = label.rect
+    assert (lx1, ly2) == (x1, y1)  # the label sits on the box's top-left corner
+    outside[ly1:ly2, lx1:lx2] = 0
     assert outside.sum() == 0
 
 
@@ -525,3 +541,112 @@ def test_save_figures_skips_reversed_boxes(tmp_path):
     image = _page()
     blocks = parse_blocks(span("image", "[[600, 600, 100, 100]]"), image.width, image.height)
     assert save_figures(image, blocks, tmp_path) == []
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Readable labels on the boxes picture
+# --------------------------------------------------------------------------------------------------------------
+
+
+def overlapping(rects) -> list:
+    return [
+        (a, b)
+        for i, a in enumerate(rects)
+        for b in rects[i + 1 :]
+        if min(a[2], b[2]) > max(a[0], b[0]) and min(a[3], b[3]) > max(a[1], b[1])
+    ]
+
+
+def page_layout(rows: int, columns: int = 1, gap: int = 4) -> str:
+    """Boxes stacked like a page's lines (``gap`` thousandths apart), in columns."""
+    raw, height = "", 900 // rows
+    for c in range(columns):
+        left, right = 40 + c * 920 // columns, 40 + (c + 1) * 920 // columns - 20
+        for r in range(rows):
+            top = 50 + r * height
+            label = ("title", "text", "table", "image_caption", "equation")[(r + c) % 5]
+            raw += span(label, f"[[{left}, {top}, {right}, {top + height - gap}]]") + f"row {r}\n"
+    return raw
+
+
+@pytest.mark.parametrize(
+    ("size", "rows", "columns", "gap"),
+    [((1224, 1584), 40, 1, 4), ((1224, 1584), 30, 2, 1), ((640, 480), 12, 3, 0), ((900, 700), 8, 1, 40)],
+)
+def test_label_rectangles_never_overlap(size, rows, columns, gap):
+    blocks = parse_blocks(page_layout(rows, columns, gap) + span("image", "[[0, 0, 999, 60]]"), *size)
+    labels = [label for _, label in layout_labels(size, blocks)]
+    assert len(labels) == len(blocks)
+    rects = [label.rect for label in labels]
+    assert overlapping(rects) == []
+    assert all(0 <= x1 < x2 <= size[0] and 0 <= y1 < y2 <= size[1] for x1, y1, x2, y2 in rects)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 999), st.integers(0, 999), st.integers(1, 400), st.integers(1, 200)),
+        min_size=1,
+        max_size=25,
+    )
+)
+def test_label_rectangles_never_overlap_on_random_layouts(boxes):
+    raw = "".join(
+        span(("text", "title", "table")[i % 3], f"[[{x}, {y}, {min(x + w, 999)}, {min(y + h, 999)}]]")
+        for i, (x, y, w, h) in enumerate(boxes)
+    )
+    blocks = parse_blocks(raw, 1224, 1584)
+    assert overlapping([label.rect for _, label in layout_labels((1224, 1584), blocks)]) == []
+
+
+def test_labels_avoid_the_next_box_and_sit_inside_at_the_top_edge():
+    size = (1000, 1000)
+    raw = span("title", "[[100, 0, 900, 80]]") + span("text", "[[100, 85, 900, 300]]")
+    raw += span("table", "[[100, 400, 900, 600]]")
+    placed = {block.label: (block.box_px, label.rect) for block, label in layout_labels(size, parse_blocks(raw, *size))}
+    box, rect = placed["title"]
+    assert rect[1] == box[1] and rect[0] == box[0]  # no room above: inside, at the top-left corner
+    box, rect = placed["text"]
+    assert rect[1] == box[1]  # the title box is just above: inside rather than over it
+    box, rect = placed["table"]
+    assert rect[3] == box[1] and rect[0] == box[0]  # room above: on the box's top-left corner
+
+
+def test_label_type_grows_with_the_picture():
+    sizes = [(320, 240), (900, 700), (1224, 1584), (2550, 3300)]
+    font_sizes = [label_font_size(s) for s in sizes]
+    assert font_sizes[0] >= 12 and font_sizes == sorted(font_sizes) and font_sizes[-1] >= 3 * font_sizes[1]
+    heights = []
+    for size in sizes:
+        blocks = parse_blocks(span("text", "[[100, 300, 900, 600]]"), *size)
+        ((_, label),) = layout_labels(size, blocks)
+        heights.append(label.rect[3] - label.rect[1])
+    assert heights == sorted(heights) and heights[-1] > 2.5 * heights[1]
+
+
+def test_label_colours_are_distinct_and_readable():
+    kinds = ["text", "title", "image", "table", "image_caption", "table_caption", "sub_title", "equation", "a", "b"]
+    colours = label_colours(kinds)
+    assert len(set(colours.values())) == len(kinds)
+    assert label_colours(["title"])["title"] == colours["title"]  # a kind keeps its colour on every page
+    raw = "".join(span(k, f"[[{10 + 90 * i}, 300, {90 + 90 * i}, 600]]") for i, k in enumerate(kinds))
+    image = Image.new("RGB", (1200, 900), "white")
+    blocks = parse_blocks(raw, *image.size)
+    drawn = np.asarray(draw_blocks(image, blocks))
+    for _, label in layout_labels(image.size, blocks):
+        assert contrast_ratio(label.ink, label.colour) >= 4.5
+        x1, y1, x2, y2 = label.rect
+        pixels = {tuple(p) for p in drawn[y1:y2, x1:x2].reshape(-1, 3)}
+        assert label.colour in pixels and label.ink in pixels  # the tag and its text
+    assert contrast_ratio((0, 0, 0), (255, 255, 255)) == pytest.approx(21)
+
+
+def test_long_labels_are_cut():
+    text = "an OCR-task label is the line's own text, which can be long"
+    ((_, label),) = layout_labels((800, 600), parse_blocks(span(text, "[[100, 300, 900, 600]]"), 800, 600))
+    assert label.text.endswith("…") and len(label.text) == 30 and text.startswith(label.text[:-1])
+
+
+def test_block_json_counts_pages_from_one():
+    block = parse_blocks(span("text", "[[0, 0, 10, 10]]") + "x", 100, 100, page=2)[0]
+    assert block.to_dict()["page"] == 3 and block.to_dict()["page_index"] == 2

@@ -1,17 +1,23 @@
 """PDF input and output: page counts, rendering size, page ranges, clear errors for empty, corrupt, missing,
-encrypted and huge documents, PDF detection, and the layout PDF written from pictures."""
+encrypted and huge documents, PDF detection, the layout PDF written from pictures, the searchable PDF, and
+page numbers in JSON."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from dsocr_mlx import pdf
+from dsocr_mlx.grounding import parse_blocks
+from dsocr_mlx.pipeline import OCRResult, save_pdf_results
 
 pdfium = pytest.importorskip("pypdfium2")
 
@@ -316,3 +322,266 @@ def test_save_images_as_pdf_with_nothing_writes_nothing(tmp_path):
     path = tmp_path / "none.pdf"
     pdf.save_images_as_pdf([], path)
     assert not os.path.exists(path)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The searchable PDF: page images with an invisible text layer at the grounding boxes
+# --------------------------------------------------------------------------------------------------------------
+
+PDFTOTEXT = shutil.which("pdftotext")
+needs_pdftotext = pytest.mark.skipif(PDFTOTEXT is None, reason="pdftotext (poppler-utils) is not installed")
+NON_ASCII = "Größe 10 µm – 東京"
+PARAGRAPH = "The quick brown fox jumps over the lazy dog, " * 6 + "and stops."
+
+
+def span(label: str, det: str) -> str:
+    return f"<|ref|>{label}<|/ref|><|det|>{det}<|/det|>"
+
+
+def page_result(raw: str, size=(1000, 1400), dpi: float | None = None, page: int | None = None) -> OCRResult:
+    """A result as the pipeline makes it: a page-like picture and the blocks of ``raw``."""
+    image = Image.new("RGB", size, (250, 250, 245))
+    draw = ImageDraw.Draw(image)
+    for y in range(60, size[1] - 60, 40):
+        draw.rectangle((80, y, size[0] - 80, y + 14), fill=(40, 40, 40))  # "printed lines"
+    if dpi is not None:
+        image.info["dpi"] = (dpi, dpi)
+    blocks = parse_blocks(raw, *size, page or 0)
+    return OCRResult([], raw, raw, "stop", 0, 0, blocks=blocks, page=page, image=image)
+
+
+FIRST = (
+    span("title", "[[80, 30, 920, 70]]")
+    + "\n# Quarterly report\n\n"
+    + span("text", "[[80, 90, 920, 260]]")
+    + f"\n{PARAGRAPH}\n\n"
+    + span("image", "[[80, 280, 500, 480]]")
+    + "\n\n"
+    + span("text", "[[80, 500, 600, 540]]")
+    + f"\n{NON_ASCII}\n\n"
+    + span("table", "[[80, 560, 920, 700]]")
+    + "\n<table><tr><td>Name</td><td>Value</td></tr><tr><td>a &amp; b</td><td>42</td></tr></table>"
+)
+SECOND = (
+    span("text", "[[100, 100, 900, 160]]")
+    + "\nSecond page text\n\n"
+    + span("text", "[[100, 700, 900, 760]]")
+    + ("\nThe end.")
+)
+
+
+def words(text: str) -> str:
+    return " ".join(text.split())
+
+
+def pdftotext(path: Path, page: int, raw: bool = False) -> str:
+    args = [PDFTOTEXT, "-f", str(page), "-l", str(page), *(["-raw"] if raw else []), "-enc", "UTF-8", str(path), "-"]
+    run = subprocess.run(args, capture_output=True, text=True, encoding="utf-8", check=True)
+    assert run.stderr == ""
+    return run.stdout
+
+
+def pdfium_text(path: Path) -> list[str]:
+    doc = pdfium.PdfDocument(str(path))
+    try:
+        return [doc[i].get_textpage().get_text_range() for i in range(len(doc))]
+    finally:
+        doc.close()
+
+
+EXPECTED_FIRST = ["Quarterly report", PARAGRAPH, NON_ASCII, "Name Value a & b 42"]
+EXPECTED_SECOND = ["Second page text", "The end."]
+
+
+def test_searchable_pdf_text_comes_back_page_by_page_in_reading_order(tmp_path):
+    path = pdf.save_searchable_pdf([page_result(FIRST), page_result(SECOND)], tmp_path / "doc.pdf")
+    assert path == tmp_path / "doc.pdf" and path.read_bytes().startswith(b"%PDF-")
+    # pdfium's own extraction (what Chrome and pypdfium2 users get) holds every block in order, exactly.
+    first, second = (words(t) for t in pdfium_text(path))
+    assert first == words(" ".join(EXPECTED_FIRST)) and second == words(" ".join(EXPECTED_SECOND))
+
+
+@needs_pdftotext
+def test_searchable_pdf_with_pdftotext(tmp_path):
+    path = pdf.save_searchable_pdf([page_result(FIRST), page_result(SECOND)], tmp_path / "doc.pdf")
+    for page, expected in ((1, EXPECTED_FIRST), (2, EXPECTED_SECOND)):
+        assert words(pdftotext(path, page, raw=True)) == words(" ".join(expected))  # content order
+        text = words(pdftotext(path, page))  # poppler's own reading order: each block whole, in order
+        positions = [text.find(words(block)) for block in expected]
+        assert -1 not in positions and positions == sorted(positions), (text, expected)
+    assert NON_ASCII in pdftotext(path, 1)
+
+
+def test_searchable_pdf_round_trips_any_script(tmp_path):
+    texts = [
+        NON_ASCII,
+        "Ελληνικά кириллица 한국어 テキスト",
+        "emoji 😀 and 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 beyond the BMP, tab\there",
+        "السعر 1,250.50 ريال (تقريبا)",  # right to left, with a number and brackets
+        "עמוד 3 מתוך 10",
+    ]
+    boxes = [f"[[50, {100 + 150 * i}, 950, {150 + 150 * i}]]" for i in range(len(texts))]
+    raw = "".join(span("text", box) + f"\n{t}\n" for box, t in zip(boxes, texts))
+    path = pdf.save_searchable_pdf([page_result(raw)], tmp_path / "scripts.pdf")
+    expected = [t.replace("\t", " ") for t in texts]
+    assert pdfium_text(path)[0].split("\r\n") == expected
+    if PDFTOTEXT:  # poppler's -raw mode keeps right-to-left words in visual order: left-to-right lines only
+        assert pdftotext(path, 1, raw=True).split("\n")[:3] == expected[:3]
+
+
+def test_visual_order_is_the_bidirectional_algorithm():
+    assert pdf.visual_order("plain 12.5% text") == "plain 12.5% text"
+    assert pdf.visual_order("שלום עולם 123") == "123 םלוע םולש"
+    assert pdf.visual_order("abc שלום 123 def") == "abc 123 םולש def"
+    assert pdf.visual_order("مرحبا ABC 12 عالم") == "ملاع ABC 12 ابحرم"
+    assert pdf.visual_order("ريال (1,250.50)") == "(1,250.50) لاير"
+
+
+def render(path: Path, page: int, scale: float) -> np.ndarray:
+    doc = pdfium.PdfDocument(str(path))
+    try:
+        return np.asarray(doc[page].render(scale=scale).to_pil().convert("RGB"), np.int16)
+    finally:
+        doc.close()
+
+
+def test_searchable_pdf_text_is_invisible(tmp_path):
+    result = page_result(FIRST, dpi=144)
+    with_text = pdf.save_searchable_pdf([result], tmp_path / "text.pdf")
+    bare = OCRResult([], "", "", "stop", 0, 0, image=result.image)
+    without = pdf.save_searchable_pdf([bare], tmp_path / "bare.pdf")
+    shown = render(with_text, 0, 2)  # 144 DPI: the page image's own pixels
+    assert shown.shape[:2] == (result.image.height, result.image.width)
+    assert np.array_equal(shown, render(without, 0, 2))  # the text layer paints nothing
+    diff = np.abs(shown - np.asarray(result.image, np.int16))
+    assert diff.mean() < 2 and np.percentile(diff, 99.9) < 48  # the JPEG of the page, nothing else
+
+
+def test_searchable_pdf_page_size_follows_the_dpi(tmp_path):
+    results = [
+        page_result(SECOND, size=(1224, 1584), dpi=144),  # a Letter page rendered at 144 DPI
+        page_result(SECOND, size=(600, 400)),  # an image that records no DPI: a pixel is a point
+        page_result(SECOND, size=(2550, 3300), dpi=300),  # a 300-DPI scan: Letter again
+        page_result(SECOND, size=(30_000, 200)),  # too wide for 72 DPI: fitted to 200 inches
+    ]
+    path = pdf.save_searchable_pdf(results, tmp_path / "sizes.pdf")
+    doc = pdfium.PdfDocument(str(path))
+    try:
+        sizes = [doc[i].get_size() for i in range(len(doc))]
+    finally:
+        doc.close()
+    expected = [(612, 792), (600, 400), (612, 792), (pdf.MAX_PAGE_POINTS, 200 * pdf.MAX_PAGE_POINTS / 30_000)]
+    assert sizes == [pytest.approx(s, abs=0.01) for s in expected]
+
+
+def test_rendered_pages_record_their_dpi(seven_pages):
+    _, image = next(pdf.render_pages(seven_pages, "1", dpi=200))
+    assert image.info["dpi"] == (200, 200) and pdf.image_dpi(image) == 200
+    assert pdf.image_dpi(Image.new("RGB", (10, 10))) == 72
+    odd = Image.new("RGB", (10, 10))
+    odd.info["dpi"] = (1, 1)  # JPEGs from some cameras: an aspect ratio, not a resolution
+    assert pdf.image_dpi(odd) == 72
+
+
+def test_searchable_pdf_page_without_blocks_and_without_images(tmp_path):
+    blank = page_result("Free OCR text without grounding")
+    path = pdf.save_searchable_pdf([blank, page_result(SECOND)], tmp_path / "mixed.pdf")
+    texts = pdfium_text(path)
+    assert len(texts) == 2 and texts[0] == "" and words(texts[1]) == words(" ".join(EXPECTED_SECOND))
+    no_image = OCRResult([], "text", "text", "stop", 0, 0)
+    assert len(pdfium_text(pdf.save_searchable_pdf([no_image, blank], tmp_path / "one.pdf"))) == 1
+    with pytest.raises(ValueError, match="no page images"):
+        pdf.save_searchable_pdf([no_image], tmp_path / "none.pdf")
+    assert not (tmp_path / "none.pdf").exists()
+
+
+def test_searchable_pdf_is_written_atomically(tmp_path, monkeypatch):
+    path = tmp_path / "doc.pdf"
+    path.write_bytes(b"the previous file")
+    real_save = pdfium.PdfDocument.save
+
+    def half_then_fail(self, dest, *args, **kwargs):
+        Path(dest).write_bytes(b"%PDF-1.7 half")
+        assert path.read_bytes() == b"the previous file"  # written beside it, never over it
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pdfium.PdfDocument, "save", half_then_fail)
+    with pytest.raises(KeyboardInterrupt):
+        pdf.save_searchable_pdf([page_result(SECOND)], path)
+    assert path.read_bytes() == b"the previous file" and sorted(p.name for p in tmp_path.iterdir()) == ["doc.pdf"]
+    monkeypatch.setattr(pdfium.PdfDocument, "save", real_save)
+    pdf.save_searchable_pdf([page_result(SECOND)], path)
+    assert words(pdfium_text(path)[0]) == words(" ".join(EXPECTED_SECOND))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["doc.pdf"]
+
+
+def test_plain_lines_and_layout():
+    assert pdf.plain_lines("## Heading **bold**\n\n<table><tr><th>a</th><td>b &lt; c</td></tr><tr><td>d</td></tr>") == [
+        "Heading bold",
+        "a b < c",
+        "d",
+    ]
+    raw = (
+        span("text", "[[100, 100, 900, 300], [100, 400, 900, 600]]")  # one span, two boxes: its text once
+        + f"\n{PARAGRAPH}\nsecond line\n"
+        + span("image", "[[0, 0, 50, 50]]")  # a figure: no text
+        + span("text", "[[600, 600, 100, 100]]")  # reversed: nothing
+        + "\nlost"
+        + span("title", "[[10, 950, 990, 1200]]")  # past the bottom: clamped to the page
+        + "\nShort"
+    )
+    blocks = parse_blocks(raw, 1000, 1000)
+    lines = pdf.layout_text(blocks, 0.5, (500, 500))
+    paragraph = [line for line in lines if line.top < 150]
+    assert len(paragraph) > 2 and words(" ".join(line.text for line in paragraph)) == words(PARAGRAPH + " second line")
+    box = blocks[0].box_px
+    for line in paragraph:
+        assert line.x == pytest.approx(box[0] * 0.5)
+        assert box[1] * 0.5 - 0.01 <= line.top and line.top + line.size <= box[3] * 0.5 + 0.01
+        assert line.width <= (box[2] - box[0]) * 0.5 + 0.01
+    assert [line.text for line in lines if line.top >= 150] == ["Short"]
+    short = lines[-1]
+    assert short.top + short.size <= 500 + 1e-6 and short.width == pytest.approx(len("Short") * short.size)
+
+
+def test_save_results_with_the_searchable_pdf(tmp_path):
+    results = [page_result(FIRST, dpi=144, page=0), page_result(SECOND, dpi=144, page=2)]
+    out = save_pdf_results(results, tmp_path / "out", "doc", searchable=True)
+    assert len(pdfium_text(out / "doc_searchable.pdf")) == 2 and (out / "doc.mmd").is_file()
+    assert not (save_pdf_results(results, tmp_path / "plain", "doc") / "doc_searchable.pdf").exists()
+    single = results[1].save(tmp_path / "image", searchable=True)
+    assert words(pdfium_text(single / "result_searchable.pdf")[0]) == words(" ".join(EXPECTED_SECOND))
+    assert not any(p.name.startswith(".") for p in (tmp_path / "out").iterdir())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Page numbers: 1-based as --pages in JSON; the zero-based index only where official file names use it
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_json_page_numbers_agree_with_pages(tmp_path):
+    results = [page_result(FIRST, page=0), page_result(SECOND, page=2)]
+    out = save_pdf_results(results, tmp_path / "out", "doc")
+    data = json.loads((out / "doc.json").read_text(encoding="utf-8"))
+    assert [(d["page"], d["page_index"]) for d in data] == [(1, 0), (3, 2)]
+    assert {(b["page"], b["page_index"]) for b in data[1]["blocks"]} == {(3, 2)}
+    assert (out / "images" / "0_0.jpg").is_file()  # the official figure names keep the zero-based index
+    image = page_result(SECOND).to_dict()
+    assert image["page"] is None and image["page_index"] is None
+    assert image["blocks"][0]["page"] == 1  # an image is page 1 of itself
+
+
+def test_ocr_many_pages_spec_and_json_agree(tiny_model, tmp_path):
+    pytest.importorskip("mlx.core")
+    path = tmp_path / "doc.pdf"
+    images = [Image.new("RGB", (200, 280), c) for c in COLOURS[:4]]
+    images[0].save(path, "PDF", save_all=True, append_images=images[1:], resolution=72.0)
+    results = list(tiny_model.ocr_many([path], pages="2,4", mode="tiny", max_new_tokens=2))
+    assert [r.to_dict()["page"] for r in results] == [2, 4]
+    assert [r.page for r in results] == [1, 3]  # the Python attribute stays zero-based
+    out = save_pdf_results(results, tmp_path / "out", "doc", searchable=True)
+    doc = pdfium.PdfDocument(str(out / "doc_searchable.pdf"))
+    try:  # the searchable PDF's pages have the source pages' size (rendered at 144 DPI, placed back at 144)
+        assert [doc[i].get_size() for i in range(len(doc))] == [pytest.approx((200, 280), abs=0.01)] * 2
+    finally:
+        doc.close()

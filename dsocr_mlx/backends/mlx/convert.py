@@ -49,8 +49,9 @@ def converted_tensors(
         if mx.issubdtype(value.dtype, mx.floating):
             value = value.astype(target)
         path, leaf = key.rsplit(".", 1)
-        if predicate is not None and leaf == "weight" and path in modules and predicate(path, modules[path]):
-            q = mx.quantize(value, policy.group_size, policy.bits, mode=policy.mode)
+        params = predicate(path, modules[path]) if predicate and leaf == "weight" and path in modules else None
+        if params:  # each module with its own bits (a mixed recipe), as quantized_modules records them
+            q = mx.quantize(value, params["group_size"], params["bits"], mode=params["mode"])
             yield f"{path}.weight", q[0]
             yield f"{path}.scales", q[1]
             if len(q) > 2 and q[2] is not None:
