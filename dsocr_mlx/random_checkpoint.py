@@ -228,10 +228,26 @@ PROCESSOR_CONFIG = {
 }
 
 
+# config.json of a random checkpoint carries this key, so loaders can say that its text means nothing.
+TEST_MODEL_KEY = "dsocr_test_model"
+TEST_MODEL_NOTE = "random weights (dsocr make-test-model): for trying the tool and for tests; its text is meaningless"
+
+
+def random_model_note(folder: str | Path) -> str | None:
+    """The note of a random test checkpoint (or of a conversion of one) in ``folder``; None for real weights."""
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    marker = config.get(TEST_MODEL_KEY) if isinstance(config, dict) else None
+    return str(marker.get("note") or TEST_MODEL_NOTE) if isinstance(marker, dict) else None
+
+
 def write_random_checkpoint(
     out: str | Path, args: ModelArgs, seed: int = 0, max_shard_bytes: int = 5 * 1024**3, overwrite: bool = False
 ) -> Path:
-    """Write a random checkpoint in the original HF layout for ``args`` into ``out``.
+    """Write a random checkpoint in the original HF layout for ``args`` into ``out`` (its config.json marked
+    with :data:`TEST_MODEL_KEY`).
 
     Args:
         out: the folder to create.
@@ -267,7 +283,8 @@ def write_random_checkpoint(
             (staged / "model.safetensors.index.json").write_text(
                 json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1)
             )
-        (staged / "config.json").write_text(json.dumps(args.to_hf_dict(), indent=1))
+        config = {**args.to_hf_dict(), TEST_MODEL_KEY: {"random_weights": True, "seed": seed, "note": TEST_MODEL_NOTE}}
+        (staged / "config.json").write_text(json.dumps(config, indent=1))
         (staged / "processor_config.json").write_text(json.dumps(PROCESSOR_CONFIG, indent=2))
         for fname, data in tokenizer.items():
             (staged / fname).write_bytes(data)

@@ -109,7 +109,7 @@ def test_cli_make_test_model_and_version(tmp_path):
     assert result.exit_code == 0, result.output
     assert (out / "config.json").is_file() and (out / "tokenizer.json").is_file()
     again = runner.invoke(app, ["make-test-model", str(out)])
-    assert again.exit_code == 1 and "already exists" in again.output
+    assert again.exit_code == 1 and "exists; pass --overwrite" in again.output
 
 
 def test_auto_dtype_on_mlx_follows_the_device(tiny_ckpt):
