@@ -1,11 +1,12 @@
 """Pages per minute, end to end: a multi-page PDF through ``OCRModel.ocr_many`` on each backend.
 
     python benchmarks/bench_pdf.py [--model DIR] [--backends mlx torch] [--pages 4] [--mode gundam] [--tokens 64]
+        [--batch-size 1,4,8]
 
 Each backend runs in its own process, with the BLAS it is fastest with (OpenBLAS preloaded for MLX on
 Linux, not for torch). Every page is rendered at 144 DPI, preprocessed, encoded and decoded up to
-``--tokens`` tokens with the official PDF n-gram ban, as ``dsocr ocr file.pdf`` does. Writes
-``pdf.json`` and ``pdf.md`` into ``--out``.
+``--tokens`` tokens with the official PDF n-gram ban, as ``dsocr ocr file.pdf`` does, once per batch size
+(``ocr_many(batch_size=N)``: N pages decoding together). Writes ``pdf.json`` and ``pdf.md`` into ``--out``.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ def main() -> int:
     parser.add_argument("--model", help="model folder (default: the full-size random checkpoint)")
     parser.add_argument("--backends", nargs="+", default=["mlx", "torch"], choices=["mlx", "torch"])
     parser.add_argument("--pages", type=int, default=4)
-    parser.add_argument("--mode", default="gundam", choices=["tiny", "small", "base", "large", "gundam"])
+    parser.add_argument("--mode", help="a mode of the model (default: its official one, gundam or default)")
     parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--batch-size", default="1", help="comma-separated batch sizes, e.g. 1,4,8")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "pdf")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # run one backend in this process
     args = parser.parse_args()
@@ -38,7 +40,13 @@ def main() -> int:
         print(
             json.dumps(
                 run_pdf_benchmark(
-                    args.model, backend=args.one, dtype="float32", mode=args.mode, pages=args.pages, tokens=args.tokens
+                    args.model,
+                    backend=args.one,
+                    dtype="float32",
+                    mode=args.mode,
+                    pages=args.pages,
+                    tokens=args.tokens,
+                    batch_sizes=tuple(int(x) for x in args.batch_size.split(",")),
                 )
             )
         )
@@ -59,25 +67,29 @@ def main() -> int:
             model,
             "--pages",
             str(args.pages),
-            "--mode",
-            args.mode,
+            *(["--mode", args.mode] if args.mode else []),
             "--tokens",
             str(args.tokens),
+            "--batch-size",
+            args.batch_size,
         ]
         rows.append(run_process(command, preload_openblas=backend == "mlx"))
     lines = [
         f"Machine: {machine()}",
         "",
-        f"Model: {model}; {args.pages} pages; mode {args.mode}; up to {args.tokens} tokens per page; float32.",
+        f"Model: {model}; {args.pages} pages; mode {rows[0]['settings']['mode'] if rows else args.mode}; "
+        f"up to {args.tokens} tokens per page; float32.",
         "",
-        "| backend | pages/minute | seconds | generated tokens | peak memory (GB) |",
-        "| --- | --- | --- | --- | --- |",
+        "| backend | batch | pages/minute | seconds | generated tokens | vs batch 1 | peak memory (GB) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
-    lines += [
-        f"| {r['environment']['backend']} | {r['pages_per_minute']:.2f} | {r['seconds']:.1f} | "
-        f"{r['generated_tokens']} | {r['peak_memory_gb']:.2f} |"
-        for r in rows
-    ]
+    for r in rows:
+        first = r["batches"][0]["pages_per_minute"]
+        lines += [
+            f"| {r['environment']['backend']} | {b['batch']} | {b['pages_per_minute']:.2f} | {b['seconds']:.1f} | "
+            f"{b['generated_tokens']} | {b['pages_per_minute'] / first:.2f}x | {r['peak_memory_gb']:.2f} |"
+            for b in r["batches"]
+        ]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "pdf.json").write_text(json.dumps(rows, indent=1))
     (args.out / "pdf.md").write_text("\n".join(lines) + "\n")

@@ -276,6 +276,135 @@ def bar_chart(results: list[dict[str, Any]]) -> Image.Image:
     return img
 
 
+def time_batch(model: OCRModel, images: list[Image.Image], options: OCROptions) -> dict[str, float]:
+    """Decode speed of ``len(images)`` pages decoding together, each to exactly ``max_new_tokens`` tokens.
+
+    The first step admits every page (vision and prefill); the steps after it are timed: their tokens
+    per second, all rows together, are the aggregate decode speed.
+    """
+    from .engine import BatchEngine
+
+    engine = BatchEngine(model, len(images))
+    pages = [engine.submit(image, options=options) for image in images]
+    first = engine.step()
+    start, tokens = time.perf_counter(), 0
+    while not all(p.done for p in pages):
+        tokens += len(engine.step())
+    elapsed = time.perf_counter() - start
+    return {
+        "batch": len(images),
+        "decode_tps": tokens / elapsed,
+        "per_row_tps": tokens / elapsed / len(images),
+        "step_ms": 1000 * elapsed / max(tokens / len(images), 1),
+        "first_step_s": sum(p.result.timings["first_token"] for p in pages) / len(pages) if first else 0.0,
+    }
+
+
+def run_batch_benchmark(
+    model_path: str,
+    backend: str = "mlx",
+    dtype: str | None = None,
+    mode: str | None = None,
+    tokens: int = 32,
+    batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16),
+    device: str | None = None,
+) -> dict[str, Any]:
+    """Aggregate decode tokens/s at each batch size, on pages that differ (so their rows route to
+    different experts, as real pages do). The mode defaults to the family's smallest (vision plays no
+    part in the decode speed); images of 640x560 are tiled by neither family."""
+    import dsocr_mlx
+
+    bench_options(mode, tokens)
+    model = dsocr_mlx.load(model_path, backend=backend, dtype=dtype, device=device)
+    mode = mode or {"deepseek-ocr": "tiny"}.get(model.family) or resolve_mode(model, None)
+    options = bench_options(mode, tokens)
+    images = [page_image(640, 560, seed=100 + i) for i in range(max(batch_sizes))]
+    time_batch(model, images[:1], options.merged(max_new_tokens=min(tokens, 4)))  # warm-up
+    rows = [time_batch(model, images[:b], options) for b in batch_sizes]
+    one = next((r["decode_tps"] for r in rows if r["batch"] == 1), rows[0]["decode_tps"])
+    for r in rows:
+        r["speedup"] = r["decode_tps"] / one
+    return {
+        "settings": {"model": str(model_path), "family": model.args.family_name, "mode": mode, "tokens": tokens},
+        "environment": environment(model),
+        "peak_memory_gb": peak_memory_gb(model),
+        "batches": rows,
+    }
+
+
+def batch_table(result: dict[str, Any], pdf: dict[str, Any] | None = None) -> str:
+    """The batch sizes' aggregate decode speed (and PDF pages/minute) as a Markdown table, after a line
+    naming the machine and settings."""
+    env, s = result["environment"], result["settings"]
+    pdf_at = {r["batch"]: r for r in (pdf or {}).get("batches", [])}
+    head = "| batch | decode tok/s (all rows) | per row | step (ms) | vs batch 1 |"
+    rule = "| --- | --- | --- | --- | --- |"
+    if pdf_at:
+        head, rule = head + " PDF pages/min |", rule + " --- |"
+    lines = [
+        f"{env['machine']}; {env['backend']} {env['dtype']} on {env.get('device', 'cpu')}; model {s['model']} "
+        f"({s['family']}), mode {s['mode']}, {s['tokens']} tokens per row",
+        "",
+        head,
+        rule,
+    ]
+    for r in result["batches"]:
+        speed = f"{r['decode_tps']:.2f} | {r['per_row_tps']:.2f} | {r['step_ms']:.0f}"
+        row = f"| {r['batch']} | {speed} | {r['speedup']:.2f}x |"
+        if pdf_at:
+            row += f" {pdf_at[r['batch']]['pages_per_minute']:.2f} |" if r["batch"] in pdf_at else " |"
+        lines.append(row)
+    return "\n".join(lines)
+
+
+def save_batch_outputs(result: dict[str, Any], pdf: dict[str, Any] | None, out: Path) -> list[Path]:
+    """``bench_batch.json``, ``bench_batch.md`` and ``bench_batch.png`` (speed against batch size) in ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_batch.json").write_text(json.dumps({"decode": result, "pdf": pdf}, indent=1))
+    (out / "bench_batch.md").write_text(batch_table(result, pdf) + "\n")
+    series = {"decode tok/s (all rows)": [(r["batch"], r["decode_tps"]) for r in result["batches"]]}
+    if pdf:
+        series["PDF pages/min"] = [(r["batch"], r["pages_per_minute"]) for r in pdf["batches"]]
+    env = result["environment"]
+    title = f"dsocr bench --batch-size: {env['backend']} {env['dtype']}, {result['settings']['family']}"
+    line_chart(series, title, "batch size", "per second / per minute").save(out / "bench_batch.png")
+    return [out / "bench_batch.json", out / "bench_batch.md", out / "bench_batch.png"]
+
+
+def line_chart(series: dict[str, list[tuple[float, float]]], title: str, xlabel: str, ylabel: str) -> Image.Image:
+    """A small line chart (one line per series of ``(x, y)`` points), e.g. tokens/s against batch size."""
+    width, height, left, bottom = 760, 460, 70, 50
+    img = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(img)
+    font = ImageFont.load_default()
+    colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40)]
+    points = [p for line in series.values() for p in line]
+    x_max = max((x for x, _ in points), default=1) or 1
+    y_max = max((y for _, y in points), default=1) or 1
+    plot_w, plot_h = width - left - 30, height - bottom - 60
+
+    def at(x: float, y: float) -> tuple[int, int]:
+        return left + int(plot_w * x / x_max), height - bottom - int(plot_h * y / y_max)
+
+    draw.text((10, 10), title, fill="black", font=font)
+    draw.line([at(0, 0), at(x_max, 0)], fill="black")
+    draw.line([at(0, 0), at(0, y_max)], fill="black")
+    for x in sorted({x for x, _ in points}):
+        draw.text((at(x, 0)[0] - 4, height - bottom + 6), f"{x:g}", fill="black", font=font)
+    for frac in (0.25, 0.5, 0.75, 1.0):
+        draw.text((8, at(0, y_max * frac)[1] - 6), f"{y_max * frac:.1f}", fill="black", font=font)
+    draw.text((width // 2 - 40, height - 22), xlabel, fill="black", font=font)
+    draw.text((8, 30), ylabel, fill="black", font=font)
+    for i, (name, line) in enumerate(series.items()):
+        colour = colours[i % len(colours)]
+        draw.line([at(x, y) for x, y in sorted(line)], fill=colour, width=3)
+        for x, y in line:
+            cx, cy = at(x, y)
+            draw.ellipse([cx - 3, cy - 3, cx + 3, cy + 3], fill=colour)
+        draw.text((width - 200, 40 + 16 * i), name, fill=colour, font=font)
+    return img
+
+
 def run_pdf_benchmark(
     model_path: str,
     backend: str = "mlx",
@@ -285,11 +414,13 @@ def run_pdf_benchmark(
     tokens: int = 64,
     work_dir: Path | None = None,
     device: str | None = None,
+    batch_sizes: tuple[int, ...] = (1,),
 ) -> dict[str, Any]:
-    """Pages per minute end to end: a ``pages``-page PDF through :meth:`OCRModel.ocr_many`.
+    """Pages per minute end to end: a ``pages``-page PDF through :meth:`OCRModel.ocr_many`, at each batch size.
 
     Every page is rendered, preprocessed, encoded and decoded up to ``tokens`` tokens (the official PDF
-    n-gram ban on), as ``dsocr ocr file.pdf`` does, after one untimed warm-up page outside the PDF.
+    n-gram ban on), as ``dsocr ocr file.pdf`` does, after one untimed warm-up page outside the PDF. The
+    first batch size's figures are also the result's top-level ones.
     """
     import tempfile
 
@@ -305,15 +436,23 @@ def run_pdf_benchmark(
         save_images_as_pdf([page_image(seed=i) for i in range(pages)], path)
         options = OCROptions(mode=mode, max_new_tokens=tokens, detect_loops=False, retry_on_repetition=False)
         model.ocr(page_image(seed=pages), options=options.merged(max_new_tokens=min(tokens, 4)))  # warm-up
-        t = time.perf_counter()
-        results = list(model.ocr_many([path], options=options))
-        elapsed = time.perf_counter() - t
-    generated = sum(r.generated_tokens for r in results)
+        runs = []
+        for batch in batch_sizes:
+            t = time.perf_counter()
+            results = list(model.ocr_many([path], options=options, batch_size=batch))
+            elapsed = time.perf_counter() - t
+            runs.append(
+                {
+                    "batch": batch,
+                    "seconds": elapsed,
+                    "pages_per_minute": 60 * len(results) / elapsed,
+                    "generated_tokens": sum(r.generated_tokens for r in results),
+                }
+            )
     return {
         "settings": {"model": str(model_path), "mode": mode, "pages": pages, "max_tokens": tokens},
         "environment": environment(model),
-        "seconds": elapsed,
-        "pages_per_minute": 60 * len(results) / elapsed,
-        "generated_tokens": generated,
+        **{k: v for k, v in runs[0].items() if k != "batch"},
+        "batches": runs,
         "peak_memory_gb": peak_memory_gb(model),
     }

@@ -10,8 +10,12 @@ one page; ``ocr_many(batch_size=N)`` and the server run it with many.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import queue
 import time
 from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +35,19 @@ VISION_VIEWS = 8
 
 def _as_list(image: ImageInput | list[ImageInput] | None) -> list[ImageInput]:
     return list(image) if isinstance(image, (list, tuple)) else ([] if image is None else [image])
+
+
+def default_batch_size(model: OCRModel) -> int:
+    """Pages that decode together by default: 8 on Apple's GPU, 16 on CUDA, 4 on a CPU.
+
+    Decoding is bound by reading the weights, so rows sharing a step are almost free until compute or
+    memory catches up: each row holds its KV cache (up to 0.5 GB in float16 at the full 8192-token
+    context, 1 GB in float32), and a CPU's few cores saturate sooner (README, "Batched decoding").
+    """
+    device = str(model.device)
+    if device.startswith("cuda"):
+        return 16
+    return 8 if device == "gpu" else 4
 
 
 class Page:
@@ -80,6 +97,7 @@ class BatchEngine:
         self.decoder = model.runtime.decoder()
         self.waiting: deque[Page] = deque()
         self.active: dict[int, Page] = {}
+        self.max_vision = VISION_VIEWS
 
     def __len__(self) -> int:
         """Pages admitted or waiting."""
@@ -101,16 +119,13 @@ class BatchEngine:
         Raises:
             OptionError, ValueError: bad options or an unreadable image, before anything is queued.
         """
-        started = time.perf_counter()
-        model = self.model
-        options = model.check_options((options or OCROptions()).merged(prompt=prompt, **overrides))
-        images = [load_image(im) for im in _as_list(image)]
-        if inputs is None:
-            inputs = model.prepare(images, options.prompt_text, options.mode)
-        budget = model.budget(inputs, options.max_new_tokens)
-        item = Page(images, inputs, options, budget, page, source, started, time.perf_counter())
-        self.waiting.append(item)
+        item = prepare_page(self.model, image, prompt, options, inputs=inputs, page=page, source=source, **overrides)
+        self.add(item)
         return item
+
+    def add(self, page: Page) -> None:
+        """Queue a page made by :func:`prepare_page` (its preprocessing may run on another thread)."""
+        self.waiting.append(page)
 
     def cancel(self, page: Page) -> None:
         """Stop a page (its client left): it leaves the batch before the next step."""
@@ -121,15 +136,32 @@ class BatchEngine:
         if page in self.waiting:
             self.waiting.remove(page)
 
-    def step(self) -> list[tuple[Page, GenerationResponse]]:
-        """Admit waiting pages while there is room, then decode one token for every live row."""
+    def step(self) -> list[tuple[Page, GenerationResponse | Exception]]:
+        """Admit waiting pages while there is room, then decode one token for every live row.
+
+        Returns each page's new response; a page whose vision or prefill failed gets the exception
+        instead (it leaves, the others go on).
+        """
         admitted = []
         while self.waiting and len(self.active) + len(admitted) < self.max_batch:
             admitted.append(self.waiting.popleft())
-        self._vision([p for p in admitted if p.embeddings is None])
+        out: list[tuple[Page, GenerationResponse | Exception]] = []
+        try:
+            self._vision([p for p in admitted if p.embeddings is None])
+        except Exception as e:  # noqa: BLE001 - one page at a time then, so only the failing one fails
+            if len(admitted) == 1:
+                admitted[0].cancelled = True
+                return [(admitted[0], e)]
+            for p in reversed(admitted):
+                self.waiting.appendleft(p)
+            self.max_vision = 1
+            return out
         for p in admitted:
-            self._start(p)
-        out: list[tuple[Page, GenerationResponse]] = []
+            try:
+                self._start(p)
+            except Exception as e:  # noqa: BLE001 - reported to that page's owner
+                p.cancelled = True
+                out.append((p, e))
         for row, token in self.decoder.step().items():
             p = self.active[row]
             response = p.seq.add(token)
@@ -234,6 +266,31 @@ class BatchEngine:
         return replace(response, output=response.output + tail, result=result)
 
 
+def prepare_page(
+    model: OCRModel,
+    image: ImageInput | list[ImageInput] | None,
+    prompt: str | None = None,
+    options: OCROptions | None = None,
+    *,
+    inputs: ProcessedInputs | None = None,
+    page: int | None = None,
+    source: str | None = None,
+    **overrides: Any,
+) -> Page:
+    """A page's options checked and its inputs prepared (numpy and the tokenizer only: any thread may run it).
+
+    Raises:
+        OptionError, ValueError: bad options, an unreadable image, a prompt longer than the context.
+    """
+    started = time.perf_counter()
+    options = model.check_options((options or OCROptions()).merged(prompt=prompt, **overrides))
+    images = [load_image(im) for im in _as_list(image)]
+    if inputs is None:
+        inputs = model.prepare(images, options.prompt_text, options.mode)
+    budget = model.budget(inputs, options.max_new_tokens)
+    return Page(images, inputs, options, budget, page, source, started, time.perf_counter())
+
+
 def _view_shape(inputs: ProcessedInputs) -> tuple:
     return inputs.global_pixels.shape[1:], inputs.crop_pixels.shape[1:]
 
@@ -250,3 +307,110 @@ def _merged(inputs: list[ProcessedInputs]) -> ProcessedInputs:
         global_pixels=np.concatenate([i.global_pixels for i in inputs]),
         crop_pixels=np.concatenate([i.crop_pixels for i in inputs]),
     )
+
+
+_bound: contextvars.ContextVar[BatchRunner | None] = contextvars.ContextVar("dsocr_batch_runner", default=None)
+
+
+def bound_runner() -> BatchRunner | None:
+    """The runner whose batch this thread's pages join (see :meth:`BatchRunner.bound`), or None."""
+    return _bound.get()
+
+
+class BatchRunner:
+    """A :class:`BatchEngine` stepped by the thread that owns the model, fed by other threads.
+
+    A thread that reads pages for it runs inside :meth:`bound`: there ``OCRModel.stream_ocr`` (and so
+    ``ocr`` and ``ocr_many``) hands each page to :meth:`stream`, the page joins the one batch, and the
+    thread gets its own page's responses. The owner thread calls :meth:`pump` in its loop; the model
+    (MLX streams are thread-local) is only ever used there.
+    """
+
+    def __init__(self, engine: BatchEngine, wake: Callable[[], None] | None = None):
+        self.engine = engine
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.sinks: dict[int, Callable[[Any], None]] = {}
+        self.wake = wake or (lambda: None)
+        self.steps = 0
+        self.widest = 0  # the most rows one step decoded together
+        self.closed: Exception | None = None
+
+    @contextlib.contextmanager
+    def bound(self) -> Iterator[None]:
+        """Within this block, the calling thread's pages join this runner's batch."""
+        token = _bound.set(self)
+        try:
+            yield
+        finally:
+            _bound.reset(token)
+
+    def stream(self, page: Page) -> Iterator[GenerationResponse]:
+        """Queue ``page`` and yield its responses as the owner thread produces them (any thread)."""
+        responses: queue.SimpleQueue = queue.SimpleQueue()
+        if self.closed is not None:
+            raise self.closed
+        self.inbox.put(("add", page, responses.put))
+        self.wake()
+        if self.closed is not None:  # closed meanwhile: the owner may never take the page
+            self.close(self.closed)
+        try:
+            while True:
+                item = responses.get()
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+                if item.result is not None:
+                    return
+        finally:
+            if not page.done:  # the reader stopped early (its client left): the page leaves the batch
+                self.inbox.put(("cancel", page, None))
+                self.wake()
+
+    def pump(self) -> bool:
+        """Take the pages that arrived or left, then one step if any page is in the batch (owner thread).
+
+        Returns whether a step ran.
+        """
+        while True:
+            try:
+                kind, page, sink = self.inbox.get_nowait()
+            except queue.Empty:
+                break
+            if kind == "add":
+                self.sinks[id(page)] = sink
+                self.engine.add(page)
+            else:
+                self.sinks.pop(id(page), None)
+                self.engine.cancel(page)
+        if not len(self.engine):
+            return False
+        self.widest = max(self.widest, min(len(self.engine), self.engine.max_batch))
+        self.steps += 1
+        for page, response in self.engine.step():
+            sink = self.sinks.get(id(page))
+            if sink is None:
+                continue
+            if isinstance(response, Exception) or response.result is not None:
+                del self.sinks[id(page)]
+            sink(response)
+        return True
+
+    def close(self, error: Exception) -> None:
+        """Stop for good: every page in or on its way to the batch, and every later one, gets ``error``."""
+        self.closed = error
+        while True:
+            try:
+                kind, page, sink = self.inbox.get_nowait()
+            except queue.Empty:
+                break
+            if kind == "add":
+                sink(error)
+        self.fail_all(error)
+
+    def fail_all(self, error: Exception) -> None:
+        """Give every page in the batch ``error`` and empty it (a step failed for all of them)."""
+        for page in [*self.engine.waiting, *self.engine.active.values()]:
+            self.engine.cancel(page)
+            sink = self.sinks.pop(id(page), None)
+            if sink is not None:
+                sink(error)

@@ -409,12 +409,19 @@ class OCRModel:
             ``finish_reason`` and ``result``. After a loop with ``retry_on_repetition`` a ``restart``
             response says the text so far is discarded, and the retry follows.
         """
-        from .engine import BatchEngine
+        from .engine import BatchEngine, bound_runner, prepare_page
 
+        item = prepare_page(self, image, prompt, options, inputs=inputs, page=page, source=source, **overrides)
+        runner = bound_runner()
+        if runner is not None:  # another thread steps the batch this page joins (a server's worker)
+            yield from runner.stream(item)
+            return
         engine = BatchEngine(self)
-        item = engine.submit(image, prompt, options, inputs=inputs, page=page, source=source, **overrides)
+        engine.add(item)
         while not item.done:
             for _, response in engine.step():
+                if isinstance(response, Exception):
+                    raise response
                 yield response
 
     def ocr(
@@ -460,11 +467,15 @@ class OCRModel:
         N pages' pixels plus N rows of context (see README, "Batched decoding"). ``on_text`` gets the text
         of the earliest unfinished page as it is generated, and a later page's as soon as it is the earliest.
         """
-        from .engine import BatchEngine
+        from .engine import BatchEngine, bound_runner
 
         options = self.check_options((options or OCROptions()).merged(prompt=prompt, **overrides))
-        engine = BatchEngine(self, batch_size)
         sources = self._pages(inputs, pages, options.dpi)
+        if bound_runner() is not None:  # pages join a shared batch one by one (its owner batches them)
+            for image, index, source in sources:
+                yield self.ocr(image, options=options, page=index, source=source, on_text=on_text)
+            return
+        engine = BatchEngine(self, batch_size)
         order: deque = deque()  # submitted pages in input order, with the text held back for each
         exhausted = False
         while order or not exhausted:
@@ -476,6 +487,8 @@ class OCRModel:
                 image, index, source = item
                 order.append([engine.submit(image, options=options, page=index, source=source), []])
             for page, response in engine.step():
+                if isinstance(response, Exception):
+                    raise response
                 held = next(h for p, h in order if p is page)
                 text = RETRY_NOTE if response.restart else response.output
                 if on_text is not None and text:

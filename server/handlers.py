@@ -286,7 +286,7 @@ async def retrieve_model(request: Request) -> Response:
 async def health(request: Request) -> Response:
     """``GET /health`` (no key needed): the worker's state, resident model and queue."""
     w = state(request).worker
-    body = {"status": w.state, "model": w.resident, "busy": w.busy, "queued": w.queue.qsize()}
+    body = {"status": w.state, "model": w.resident, "busy": w.busy, "running": len(w.running), "queued": w.queued}
     return JSONResponse(body, 503 if w.state == "error" else 200)
 
 

@@ -1,24 +1,28 @@
-"""One inference thread that owns the model and runs every job, fed by a bounded FIFO queue.
+"""The inference thread: it owns the model, runs jobs first in, first out, and steps the batch they share.
 
-MLX streams are thread-local, so the model is loaded, and every generation runs, on this one thread.
-Async servers talk to it through :class:`AsyncJob`, which never iterates a generator across threads.
+MLX streams are thread-local, so the model is loaded, and every generation runs, on this one thread;
+a job's own code (preparing its pages, collecting its text) runs on a job thread. Async servers talk
+to it through :class:`AsyncJob`, which never iterates a generator across threads.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import ctypes
 import gc
 import logging
 import math
-import queue
 import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
+
+from dsocr_mlx.engine import BatchEngine, BatchRunner
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +69,7 @@ class ModelLoadError(RuntimeError):
     """The model a job names could not be loaded."""
 
 
-@dataclass
+@dataclass(eq=False)  # a job is itself, whatever its fields: the worker keeps its running jobs in a set
 class Job:
     """A unit of work for the worker; ``sink`` receives its events from the worker thread.
 
@@ -91,13 +95,22 @@ class Job:
 
 
 class InferenceWorker:
-    """The thread that loads models and runs jobs one at a time, first in, first out.
+    """The thread that loads models and runs jobs, first in, first out, up to ``max_batch`` at a time.
+
+    Each running job runs its work on a thread of its own, bound to the one batch this thread steps
+    (:class:`~dsocr_mlx.engine.BatchRunner.bound`, so ``OCRModel.stream_ocr`` there hands its pages to
+    it): the running jobs' pages share each decode step, a new job's prefill joins between steps, and a cancelled
+    one leaves at once. With ``max_batch`` 1 jobs run one after another, as a single sequence each. All
+    running jobs use one model: a job that names another waits until they are done (then the model is
+    switched), and the jobs behind it wait too (first in, first out).
 
     Args:
         models: model name -> path or repo id.
         default: the name loaded at start.
         loader: ``path -> model``, called on the worker thread.
-        max_queue: the most jobs waiting behind the running one.
+        max_queue: the most jobs waiting behind the running ones.
+        keep_alive: seconds an idle model stays loaded (``inf``: always).
+        max_batch: the most jobs running (and pages decoding) together.
     """
 
     def __init__(
@@ -107,20 +120,29 @@ class InferenceWorker:
         loader: Callable[[str], Any],
         max_queue: int = 16,
         keep_alive: float = math.inf,
+        max_batch: int = 1,
     ):
         if default not in models:
             raise ValueError(f"the default model {default!r} is not among {sorted(models)}")
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, not {max_batch}")
         self.models, self.default, self.loader = dict(models), default, loader
-        self.keep_alive = keep_alive
-        self.queue: queue.Queue[Job | None] = queue.Queue(maxsize=max(1, max_queue))
+        self.keep_alive, self.max_batch, self.max_queue = keep_alive, max_batch, max(1, max_queue)
+        self.waiting: collections.deque[Job] = collections.deque()
+        self.running: set[Job] = set()
         self.resident: str | None = None
         self.expires: float | None = None  # time.time() at which the idle resident model is unloaded
         self.state = "starting"  # starting, loading, ready, idle (unloaded after keep_alive), error
         self.error: str | None = None
-        self.busy = False
+        self.runner: BatchRunner | None = None
         self._model: Any = None
         self._mean_seconds = 5.0
-        self._job: Job | None = None
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopping = False
+        self._next_keep: float | None = None  # the keep_alive of the job that ended last
+        self._ended = False
+        self._pool = ThreadPoolExecutor(max_batch, thread_name_prefix="dsocr-job")
         self._thread = threading.Thread(target=self._run, name="dsocr-inference", daemon=True)
 
     def start(self) -> None:
@@ -131,19 +153,23 @@ class InferenceWorker:
         """The model in memory, or None (read it for its description only: it runs on the worker thread)."""
         return self._model
 
+    @property
+    def busy(self) -> bool:
+        return bool(self.running)
+
+    @property
+    def queued(self) -> int:
+        return len(self.waiting)
+
     def stop(self, timeout: float = 10.0) -> None:
-        """Finish the running job's current token, drop the waiting jobs and end the thread."""
-        while True:
-            try:
-                job = self.queue.get_nowait()
-            except queue.Empty:
-                break
-            if job is not None:
+        """Cancel the waiting and running jobs (each stops at its next token) and end the thread."""
+        with self._lock:
+            self._stopping = True
+            for job in [*self.waiting, *self.running]:
                 job.cancelled.set()
-        self._current_cancel()
-        with contextlib.suppress(queue.Full):  # a job submitted meanwhile fills the queue: the thread is a daemon
-            self.queue.put(None, timeout=timeout)
+        self._wake.set()
         self._thread.join(timeout)
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
     def submit(
         self,
@@ -164,30 +190,26 @@ class InferenceWorker:
         if model not in self.models:
             raise KeyError(model)
         job = Job(model, work, sink, time.monotonic() + timeout, keep_alive=keep_alive, needs_model=needs_model)
-        try:
-            self.queue.put_nowait(job)
-        except queue.Full:
-            raise QueueFull(self._retry_after()) from None
+        with self._lock:
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull(self._retry_after())
+            self.waiting.append(job)
+        self._wake.set()
         return job
 
     def check_room(self) -> None:
         """Raise :class:`QueueFull` now if a job submitted now would be refused (before any costly work)."""
-        if self.queue.full():
+        if len(self.waiting) >= self.max_queue:
             raise QueueFull(self._retry_after())
 
     def _retry_after(self) -> int:
-        return max(1, math.ceil(self._mean_seconds * (self.queue.qsize() + 1)))
-
-    def _current_cancel(self) -> None:
-        job = self._job
-        if job is not None:
-            job.cancelled.set()
+        return max(1, math.ceil(self._mean_seconds * (len(self.waiting) + 1) / self.max_batch))
 
     def _unload(self) -> None:
         """Drop the resident model and give its memory back (keep_alive ran out, or another model is next)."""
         if self.resident is not None:
             logger.info("unloading model %s", self.resident)
-        self._model, self.resident, self.expires = None, None, None
+        self._model, self.resident, self.expires, self.runner = None, None, None, None
         gc.collect()
         release_freed_memory()
         if self.state == "ready":
@@ -200,27 +222,13 @@ class InferenceWorker:
         self._unload()
         self.state = "loading"
         try:
-            self._model = self.loader(self.models[name])
+            model = self.loader(self.models[name])
         except Exception as e:  # noqa: BLE001 - any loader failure is reported to the job and in health
             self.state, self.error = "error", f"{type(e).__name__}: {e}"
             logger.exception("cannot load model %s", name)
             raise ModelLoadError(f"the model {name!r} could not be loaded") from None
-        self.resident, self.state, self.error = name, "ready", None
-
-    def _next(self) -> Job | None:
-        """The next job; while none comes, the memory its predecessor's requests freed goes back to the
-        system (the last references to a request's pages drop after its job, on other threads), and the
-        model is unloaded when its keep_alive runs out."""
-        try:
-            return self.queue.get(timeout=1.0)
-        except queue.Empty:
-            release_freed_memory()
-        while True:
-            wait = None if self.expires is None else max(0.0, self.expires - time.time())
-            try:
-                return self.queue.get(timeout=wait)
-            except queue.Empty:
-                self._unload()
+        self.runner = BatchRunner(BatchEngine(model, self.max_batch), wake=self._wake.set)
+        self._model, self.resident, self.state, self.error = model, name, "ready", None
 
     def _keep(self, seconds: float | None) -> None:
         """Keep the resident model for ``seconds`` from now (None: the configured keep_alive; 0: unload)."""
@@ -232,35 +240,100 @@ class InferenceWorker:
         else:
             self.expires = time.time() + seconds
 
+    def _start_jobs(self) -> None:
+        """Start waiting jobs while there is room and they use the resident model (first in, first out)."""
+        while True:
+            with self._lock:
+                if not self.waiting or len(self.running) >= self.max_batch:
+                    return
+                job = self.waiting[0]
+                if job.cancelled.is_set():  # its client left while it waited
+                    self.waiting.popleft()
+                    continue
+                other_model = job.needs_model and job.model != self.resident
+                if (other_model or not job.needs_model) and self.running:
+                    return  # switching models (or unloading) waits for the running jobs
+                self.waiting.popleft()
+                self.running.add(job)
+            try:
+                if time.monotonic() > job.deadline:
+                    raise JobTimeout()
+                if job.needs_model:
+                    self._load(job.model)
+                    self.expires = None
+            except Exception as e:  # noqa: BLE001 - reported to the job; the worker keeps serving
+                self._finished(job, error=e)
+                continue
+            if job.needs_model:
+                self._pool.submit(self._run_job, job, self._model, self.runner)
+            else:  # a control job (an unload): runs here, without the model, when no job is running
+                try:
+                    result = job.work(None, job.emit)
+                    self._keep(job.keep_alive)
+                    job.sink(("done", result))
+                except Exception as e:  # noqa: BLE001 - reported to the job
+                    self._finished(job, error=e)
+                    continue
+                self._finished(job)
+
+    def _run_job(self, job: Job, model: Any, runner: BatchRunner) -> None:
+        """A job's work, on a job thread: its pages join the batch the worker thread steps."""
+        start = time.monotonic()
+        try:
+            with runner.bound():
+                result = job.work(model, job.emit)
+            job.sink(("done", result))
+        except JobCancelled:
+            logger.info("job cancelled: its client went away")
+            self._finished(job)
+        except Exception as e:  # noqa: BLE001 - the job's owner maps the error; the worker keeps serving
+            if not isinstance(e, (JobTimeout, ModelLoadError, ValueError)):
+                logger.exception("inference job failed")
+            self._finished(job, error=e)
+        else:
+            self._finished(job)
+        self._mean_seconds = 0.8 * self._mean_seconds + 0.2 * (time.monotonic() - start)
+
+    def _finished(self, job: Job, error: Exception | None = None) -> None:
+        if error is not None:
+            with contextlib.suppress(JobCancelled):  # nobody is listening any more
+                job.sink(("error", error))
+        with self._lock:
+            self.running.discard(job)
+            self._next_keep, self._ended = job.keep_alive, True
+        self._wake.set()
+
     def _run(self) -> None:
         try:
             self._load(self.default)
             self._keep(None)
         except ModelLoadError:
             pass
-        while (job := self._next()) is not None:
-            if job.cancelled.is_set():  # its client left while it waited
-                continue
-            start = time.monotonic()
-            self.busy, self._job = True, job
+        while not self._stopping:
+            self._wake.clear()
+            self._start_jobs()
+            runner = self.runner
             try:
-                if start > job.deadline:
-                    raise JobTimeout()
-                if job.needs_model:
-                    self._load(job.model)
-                job.sink(("done", job.work(self._model, job.emit)))
-            except JobCancelled:
-                logger.info("job cancelled: its client went away")
-            except Exception as e:  # noqa: BLE001 - the job's owner maps the error; the worker keeps serving
-                if not isinstance(e, (JobTimeout, ModelLoadError, ValueError)):
-                    logger.exception("inference job failed")
-                with contextlib.suppress(JobCancelled):  # nobody is listening any more
-                    job.sink(("error", e))
-            finally:
-                self.busy, self._job = False, None
-                self._keep(job.keep_alive)
+                if runner is not None and runner.pump():
+                    continue
+            except Exception as e:  # noqa: BLE001 - a failed step fails its pages; the worker keeps serving
+                logger.exception("a decode step failed")
+                runner.fail_all(e)
+            with self._lock:
+                busy = bool(self.running or self.waiting)
+            if busy:  # jobs are between pages (preparing the next one) or waiting for a model switch
+                self._wake.wait(1.0)
+                continue
+            if self._ended:  # the last job just ended: its keep_alive starts now
+                self._ended = False
+                self._keep(self._next_keep)
+            wait = 1.0 if self.expires is None else max(0.0, min(1.0, self.expires - time.time()))
+            if not self._wake.wait(wait):
                 release_freed_memory()
-                self._mean_seconds = 0.8 * self._mean_seconds + 0.2 * (time.monotonic() - start)
+                if self.expires is not None and time.time() >= self.expires:
+                    self._unload()
+        if self.runner is not None:  # job threads waiting for their pages' tokens stop now
+            self.runner.close(JobCancelled())
 
 
 class AsyncJob:

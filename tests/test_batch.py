@@ -129,3 +129,75 @@ def test_ocr_many_in_batches_gives_the_results_of_one_at_a_time(model, sample_im
     assert [r.token_ids for r in batched] == [r.token_ids for r in one]
     assert [r.text for r in batched] == [r.text for r in one]
     assert "".join(streamed) == "".join(r.text for r in one)
+
+
+def test_concurrent_requests_share_decode_steps(tiny_ckpt, tiny_model):
+    """Eight streaming clients against a server with max_batch 8: their pages decode in one batch (rows
+    join and leave between steps) and each gets the text it gets alone (temperature 0)."""
+    import threading
+
+    from tests.test_server import expected, image_message, png, running_server
+
+    openai = pytest.importorskip("openai")
+    runners = []
+
+    class Recording:
+        def __init__(self, model):
+            self.model = model
+
+        def __getattr__(self, name):
+            return getattr(self.model, name)
+
+        def stream_ocr(self, *args, **kwargs):
+            from dsocr_mlx.engine import bound_runner
+
+            runners.append(bound_runner())  # the worker's runner, bound to this job's thread
+            yield from self.model.stream_ocr(*args, **kwargs)
+
+    jobs = [(png(60 + i), 3 + 5 * (i % 3)) for i in range(8)]
+    want = [expected(tiny_model, data, tokens).text for data, tokens in jobs]
+    got: dict[int, str] = {}
+    with running_server(tiny_ckpt, loader=lambda _: Recording(tiny_model), max_batch=8) as base:
+        client = openai.OpenAI(base_url=base + "/v1", api_key="test-key", max_retries=0, timeout=120)
+        gate = threading.Barrier(8)
+
+        def ask(i: int) -> None:
+            data, tokens = jobs[i]
+            gate.wait()
+            stream = client.chat.completions.create(
+                model="tiny", messages=image_message(data), max_tokens=tokens, stream=True
+            )
+            got[i] = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+    assert [got.get(i) for i in range(8)] == want
+    assert max(r.widest for r in runners if r is not None) > 1  # decode steps were shared
+
+
+def test_cli_batch_size_gives_the_same_results_in_input_order(tiny_ckpt, sample_image, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from dsocr_mlx.cli import app
+
+    monkeypatch.setenv("DSOCR_CONFIG", str(tmp_path / "config.toml"))
+    folder = tmp_path / "in"
+    folder.mkdir()
+    rng = np.random.default_rng(9)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (120 + 40 * i, 160, 3), dtype=np.uint8)).save(folder / f"p{i}.png")
+    pages = [Image.fromarray(rng.integers(0, 255, (150, 100 + 30 * i, 3), dtype=np.uint8)) for i in range(3)]
+    pages[0].save(folder / "doc.pdf", "PDF", save_all=True, append_images=pages[1:])
+    base = ["ocr", str(folder), "--model", str(tiny_ckpt), "--dtype", "float32", "--max-new-tokens", "6", "--mode"]
+    outputs = {}
+    for size in ("1", "4"):
+        out = tmp_path / f"out{size}"
+        result = CliRunner().invoke(app, [*base, "tiny", "--out", str(out), "--batch-size", size])
+        assert result.exit_code == 0, result.output
+        lines = [line for line in result.stderr.splitlines() if line.startswith("dsocr: [")]
+        assert [line.split("]")[0] for line in lines] == ["dsocr: [1/4", "dsocr: [2/4", "dsocr: [3/4", "dsocr: [4/4"]
+        outputs[size] = {p.relative_to(out): p.read_text() for p in sorted(out.rglob("*.mmd"))}
+    assert outputs["1"] == outputs["4"] and len(outputs["1"]) == 3 * 2 + 2  # result.mmd, result_ori.mmd; doc*.mmd

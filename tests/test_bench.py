@@ -88,3 +88,21 @@ def test_markdown_table_names_peers_by_name():
     }
     peer = {"name": "mlx-vlm", "load_s": 1.0, "peak_memory_gb": 2.0, "median": stages}
     assert markdown_table([ours, peer]).splitlines()[0] == "| stage | mlx float32 | mlx-vlm |"
+
+
+def test_bench_batch_sizes_and_pdf_pages_per_minute(tiny_ckpt, tmp_path):
+    out = tmp_path / "batches"
+    args = ["bench", "--model", str(tiny_ckpt), "--backend", "mlx", "--tokens", "4", "--batch-size", "1,3"]
+    result = CliRunner().invoke(app, [*args, "--pdf-pages", "3", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "| batch | decode tok/s (all rows) |" in result.stdout and "PDF pages/min" in result.stdout
+    data = json.loads((out / "bench_batch.json").read_text())
+    rows = data["decode"]["batches"]
+    assert [r["batch"] for r in rows] == [1, 3] and all(r["decode_tps"] > 0 for r in rows)
+    assert rows[0]["speedup"] == 1.0  # timings themselves unasserted
+    assert [r["batch"] for r in data["pdf"]["batches"]] == [1, 3]
+    assert all(0 < r["generated_tokens"] <= 3 * 4 for r in data["pdf"]["batches"])
+    with Image.open(out / "bench_batch.png") as chart:
+        assert chart.size[0] > 100
+    bad = CliRunner().invoke(app, [*args[:-1], "1,zero"])
+    assert bad.exit_code == 2 and "positive integers" in bad.stderr

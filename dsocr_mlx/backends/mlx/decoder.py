@@ -90,8 +90,9 @@ class SwitchGLU(nn.Module):
         k = indices.shape[-1]
         lead = indices.shape[:-1]
         flat = indices.flatten()
-        # Many tokens: sort the (token, expert) pairs by expert so each expert's weights are read once.
-        do_sort = flat.size >= 64
+        # More than one token (a prefill, or a batch of rows decoding together): sort the (token, expert)
+        # pairs by expert so each expert's weights are read once, however many tokens chose it.
+        do_sort = flat.size > k
         if do_sort and mx.default_device() == mx.cpu and isinstance(self.gate_proj, SwitchLinear):
             return self.grouped(x, indices)
         x = mx.expand_dims(x, (-2, -3))  # (..., 1, 1, D): one row per (token, expert) pair after gathering
