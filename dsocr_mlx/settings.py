@@ -30,6 +30,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "port": 8000,
         "api_key": "",
         "max_queue": 16,
+        "max_batch": 4,
         "request_timeout": 600,
         "max_body_mb": 50,
         "max_image_pixels": 100_000_000,
@@ -45,6 +46,10 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "keep_alive": "5m",
         "aliases": [],
         "accept_any_model": False,
+        "web_ui": True,
+        "history_dir": "",  # "": default_history_dir()
+        "history_max_entries": 500,
+        "history_max_mb": 2048,
     },
 }
 
@@ -63,7 +68,8 @@ _TEMPLATE = """# dsocr configuration (created with the defaults; edit and uncomm
 # host = "127.0.0.1"
 # port = 8000
 # api_key = ""                        # require "Authorization: Bearer KEY" when set
-# max_queue = 16
+# max_queue = 16                      # requests waiting behind the running ones (then 429)
+# max_batch = 4                       # requests decoded together, sharing each step (1: one at a time)
 # request_timeout = 600               # seconds
 # max_body_mb = 50
 # max_image_pixels = 100000000
@@ -81,6 +87,12 @@ _TEMPLATE = """# dsocr configuration (created with the defaults; edit and uncomm
 # aliases = []                        # more names for the configured model (besides its folder name, its
 #                                     # repo id and deepseek-ocr / deepseek-ocr-2)
 # accept_any_model = false            # with one model configured, answer whatever model name a client sends
+# web_ui = true                       # the OCR page at / and its REST API (/api/ocr, /api/history, ...)
+# history_dir = ""                    # where the page keeps its results ("": ~/Library/Application Support/
+#                                     # dsocr/history on macOS, $XDG_DATA_HOME/dsocr/history or
+#                                     # ~/.local/share/dsocr/history elsewhere)
+# history_max_entries = 500           # the oldest results are removed beyond this many (0: no limit)
+# history_max_mb = 2048               # ... or beyond this many megabytes on disk (0: no limit)
 
 # [server.models]                     # extra models a request may name: name = "repo id or folder"
 # small = "mlx-community/DeepSeek-OCR-4bit"
@@ -127,6 +139,16 @@ def default_config_path() -> Path:
     else:
         base = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
     return base / "dsocr" / "config.toml"
+
+
+def default_history_dir() -> Path:
+    """The web page's history folder: ``~/Library/Application Support/dsocr/history`` on macOS,
+    ``$XDG_DATA_HOME/dsocr/history`` or ``~/.local/share/dsocr/history`` elsewhere."""
+    if sys.platform == "darwin":
+        base = Path.home() / "Library" / "Application Support"
+    else:
+        base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
+    return base / "dsocr" / "history"
 
 
 def load_settings(path: str | Path | None = None, create: bool = True) -> Settings:

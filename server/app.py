@@ -15,7 +15,7 @@ from starlette.routing import Route
 
 from dsocr_mlx.settings import Settings, load_settings, parse_keep_alive
 
-from . import handlers, ollama
+from . import handlers, ollama, webui
 from .catalog import ModelCatalog, model_id
 from .guard import Guard, allowed_hosts, check_api_key
 from .handlers import ServerState
@@ -61,7 +61,7 @@ def create_app(settings: Settings | None = None, loader: Callable[[str], Any] | 
                 path, backend=model_conf["backend"], dtype=model_conf["dtype"], device=model_conf.get("device")
             )
 
-    worker = InferenceWorker(models, default, loader, limits["max_queue"], keep_alive)
+    worker = InferenceWorker(models, default, loader, limits["max_queue"], keep_alive, limits["max_batch"])
     catalog = ModelCatalog(models, default, limits["aliases"], limits["accept_any_model"])
 
     @contextlib.asynccontextmanager
@@ -73,6 +73,7 @@ def create_app(settings: Settings | None = None, loader: Callable[[str], Any] | 
         for pool in (state.checkers, state.fetchers):
             pool.shutdown(wait=False, cancel_futures=True)
         await asyncio.to_thread(worker.stop)
+        await asyncio.to_thread(app.state.webui.store.close)
 
     check_api_key(limits["api_key"])
     hosts = allowed_hosts(limits["allowed_hosts"])
@@ -92,11 +93,12 @@ def create_app(settings: Settings | None = None, loader: Callable[[str], Any] | 
         )
     # Every other exception reaches Guard, which answers it in OpenAI's shape.
     app = Starlette(
-        routes=ROUTES,
+        routes=ROUTES + (webui.routes() if limits["web_ui"] else []),
         middleware=middleware,
         lifespan=lifespan,
         exception_handlers={HTTPException: handlers.on_http_error},
     )
     app.state.dsocr = ServerState(settings.ocr, limits, models, default, worker, catalog)
     app.state.worker = worker
+    app.state.webui = webui.web_state(limits)  # the page's history, opened on first use
     return app

@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 from starlette.responses import JSONResponse
 
 from .protocol import APIError
+from .session import cookie_token, valid_token
 from .worker import JobCancelled, JobTimeout, ModelLoadError, QueueFull
 
 logger = logging.getLogger("dsocr_server")
@@ -78,8 +79,26 @@ def check_api_key(key: str) -> None:
         raise ValueError("the API key must be printable ASCII with no spaces (HTTP headers cannot carry others)")
 
 
+# What a browser may load without a key: the web page's shell (it asks for the key), and the login itself.
+PUBLIC_PATHS = frozenset({"/health", "/", "/api/login", "/favicon.ico"})
+PUBLIC_PREFIX = "/static/"
+# On every response: no inline script, nothing loaded from elsewhere (even past a sanitiser bug), no framing.
+# Inline style attributes only: KaTeX positions its glyphs with them (model HTML never keeps one).
+CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; style-src-elem 'self'; "
+    "style-src-attr 'unsafe-inline'; img-src 'self' data: blob:; font-src 'self'; connect-src 'self'; "
+    "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
+SECURITY_HEADERS = [
+    (b"content-security-policy", CSP.encode()),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+]
+
+
 class Guard:
-    """Outermost checks: API key (constant-time), body size, one access-log line, and no traceback out."""
+    """Outermost checks: API key (constant-time, or the web page's session cookie), body size, security
+    headers, one access-log line, and no traceback out."""
 
     def __init__(
         self,
@@ -99,6 +118,8 @@ class Guard:
 
         async def send_logged(message: dict) -> None:
             status[0] = message.get("status", status[0])
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *SECURITY_HEADERS]}
             await send(message)
 
         async def receive_limited() -> dict:
@@ -130,8 +151,10 @@ class Guard:
                 raise APIError(403, "cross-site requests are refused; add the site to cors_origins", code="cross_site")
             if (
                 self.api_key
-                and scope["path"] != "/health"
+                and scope["path"] not in PUBLIC_PATHS
+                and not scope["path"].startswith(PUBLIC_PREFIX)
                 and not (scheme.lower() == "bearer" and hmac.compare_digest(key.encode(), self.api_key.encode()))
+                and not valid_token(cookie_token(headers.get("cookie", "")), self.api_key)
             ):
                 raise APIError(
                     401, "missing or incorrect API key (send Authorization: Bearer KEY)", code="invalid_api_key"
@@ -171,5 +194,10 @@ OLLAMA_ROUTES = frozenset({"/api/tags", "/api/chat", "/api/generate", "/api/show
 
 
 def error_response(e: APIError, path: str = "") -> JSONResponse:
-    body = {"error": e.message} if path in OLLAMA_ROUTES else e.body()
+    if path in OLLAMA_ROUTES:
+        body = {"error": e.message}
+    elif path.startswith("/api/"):  # the web page's REST API answers as FastAPI does, {"detail": "..."}
+        body = {"detail": e.message, "code": e.code}
+    else:
+        body = e.body()
     return JSONResponse(body, e.status, headers=e.headers)

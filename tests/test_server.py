@@ -462,7 +462,13 @@ def test_model_switching(base, client, second_ckpt, tiny_model):
     assert request(base, "/health", key=None)[:2][0] == 503
     r = client.chat.completions.create(model="tiny", messages=image_message(data), max_tokens=TOKENS)
     assert r.choices[0].message.content == expected(tiny_model, data).text
-    assert request(base, "/health", key=None)[2] == {"status": "ready", "model": "tiny", "busy": False, "queued": 0}
+    assert request(base, "/health", key=None)[2] == {
+        "status": "ready",
+        "model": "tiny",
+        "busy": False,
+        "running": 0,
+        "queued": 0,
+    }
 
 
 def test_switching_disabled_limits_and_cors(tiny_ckpt, second_ckpt, tmp_path):
@@ -524,7 +530,8 @@ def test_disconnect_cancels_and_full_queue_gives_429(tiny_ckpt):
         counting.append(CountingModel(dsocr_mlx.load(path, dtype="float32"), 0.05))
         return counting[-1]
 
-    with running_server(tiny_ckpt, loader=slow, max_queue=1, max_tokens_cap=1000) as url:
+    # One request at a time (max_batch 1): one running and one waiting fill a queue of one.
+    with running_server(tiny_ckpt, loader=slow, max_queue=1, max_tokens_cap=1000, max_batch=1) as url:
         health = lambda: request(url, "/health", key=None)[2]  # noqa: E731
         # A client that leaves mid-stream frees the worker at its next token.
         conn, response = open_stream(url, 200)  # 200 tokens take 10 s or more
@@ -639,17 +646,30 @@ def test_serve_command_builds_the_app_from_options_and_config(tiny_ckpt, tmp_pat
     from dsocr_mlx.cli import app
 
     calls = {}
-    monkeypatch.setattr(uvicorn, "run", lambda asgi, **kwargs: calls.update(app=asgi, **kwargs))
+
+    def run(server, sockets=None):  # records what the command built instead of serving
+        c = server.config
+        calls.update(app=c.app, host=c.host, port=c.port, timeout_graceful_shutdown=c.timeout_graceful_shutdown)
+        for sock in sockets or []:
+            sock.close()
+
+    monkeypatch.setattr(uvicorn.Server, "run", run)
     config = tmp_path / "config.toml"
     config.write_text("[server]\nmax_queue = 3\nport = 9999\n")
+    port = free_port()
     result = CliRunner().invoke(
-        app, ["serve", "--model", str(tiny_ckpt), "--api-key", "k", "--port", "8123", "--config", str(config)]
+        app, ["serve", "--model", str(tiny_ckpt), "--api-key", "k", "--port", str(port), "--config", str(config)]
     )
     assert result.exit_code == 0, result.output
-    assert calls["host"] == "127.0.0.1" and calls["port"] == 8123  # loopback by default; options beat the file
-    assert calls["app"].state.worker.queue.maxsize == 3 and calls["app"].state.worker.default == "tiny"
+    assert calls["host"] == "127.0.0.1" and calls["port"] == port  # loopback by default; options beat the file
+    assert calls["app"].state.worker.max_queue == 3 and calls["app"].state.worker.default == "tiny"
     assert calls["app"].state.dsocr.limits["api_key"] == "k"
     assert calls["timeout_graceful_shutdown"] == 10  # running requests get 10 s on SIGTERM, then are cancelled
+    assert calls["app"].state.dsocr.limits["web_ui"] is True and calls["app"].state.worker.max_batch == 4
+    args = ["serve", "--model", str(tiny_ckpt), "--port", str(free_port()), "--config", str(config)]
+    result = CliRunner().invoke(app, [*args, "--no-web-ui", "--max-batch", "2"])
+    assert result.exit_code == 0, result.output
+    assert calls["app"].state.dsocr.limits["web_ui"] is False and calls["app"].state.worker.max_batch == 2
 
 
 def test_config_sampling_settings_change_what_a_chat_request_generates(tiny_ckpt, tiny_model, tmp_path):
@@ -717,7 +737,7 @@ def test_handlers_stand_alone():
 
     from dsocr_mlx.options import OCROptions
 
-    worker = SimpleNamespace(state="ready", resident="a", busy=False, queue=SimpleNamespace(qsize=lambda: 0))
+    worker = SimpleNamespace(state="ready", resident="a", busy=False, running=set(), queued=0)
     limits = {"allow_model_switch": False, "allow_remote_images": False, "max_body_mb": 1}
     models = {"a": "a-path", "b": "b-path"}
     state = handlers.ServerState(OCROptions(), limits, models, "a", worker, ModelCatalog(models, "a"))
