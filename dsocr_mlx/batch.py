@@ -327,6 +327,7 @@ class _Run:
         if flight is None or flight.failed:
             return
         if isinstance(response, Exception):
+            del self.pages_of[id(page)]
             flight.fail(response, engine)
             return
         if response.restart:
@@ -334,8 +335,9 @@ class _Run:
             return
         self.events.token(response)
         (self.events.text(response.output) if entry.shown else entry.held.append(("text", response.output)))
-        if response.result is not None:
-            entry.result = response.result
+        if response.result is not None:  # the page (its pixels and image embeddings) is let go now
+            entry.result, entry.page = response.result, None
+            del self.pages_of[id(page)]
 
     def retire(self, searchable_pdf: bool) -> Iterator[ItemOutcome]:
         """Report what is finished at the head, in input order: item starts, pages, whole items (saved)."""
@@ -361,6 +363,9 @@ class _Run:
             if not (flight.failed or flight.exhausted):
                 return  # its next page is still to come
             self.order.popleft()
+            for entry in flight.entries:  # a failed item's cancelled pages
+                if entry.page is not None:
+                    self.pages_of.pop(id(entry.page), None)
             yield self._finish(flight, searchable_pdf)
 
     def _finish(self, flight: _Flight, searchable_pdf: bool) -> ItemOutcome:

@@ -97,7 +97,6 @@ class BatchEngine:
         self.decoder = model.runtime.decoder()
         self.waiting: deque[Page] = deque()
         self.active: dict[int, Page] = {}
-        self.max_vision = VISION_VIEWS
 
     def __len__(self) -> int:
         """Pages admitted or waiting."""
@@ -139,8 +138,8 @@ class BatchEngine:
     def step(self) -> list[tuple[Page, GenerationResponse | Exception]]:
         """Admit waiting pages while there is room, then decode one token for every live row.
 
-        Returns each page's new response; a page whose vision or prefill failed gets the exception
-        instead (it leaves, the others go on).
+        Returns each page's new response; a page whose vision, prefill or result failed gets the
+        exception instead (it leaves, the others go on).
         """
         admitted = []
         while self.waiting and len(self.active) + len(admitted) < self.max_batch:
@@ -148,14 +147,14 @@ class BatchEngine:
         out: list[tuple[Page, GenerationResponse | Exception]] = []
         try:
             self._vision([p for p in admitted if p.embeddings is None])
-        except Exception as e:  # noqa: BLE001 - one page at a time then, so only the failing one fails
-            if len(admitted) == 1:
-                admitted[0].cancelled = True
-                return [(admitted[0], e)]
-            for p in reversed(admitted):
-                self.waiting.appendleft(p)
-            self.max_vision = 1
-            return out
+        except Exception:  # noqa: BLE001 - then one page per call, so that only the failing one fails
+            for p in [p for p in admitted if p.embeddings is None]:
+                try:
+                    self._vision([p])
+                except Exception as e:  # noqa: BLE001 - reported to that page's owner
+                    p.cancelled = True
+                    out.append((p, e))
+            admitted = [p for p in admitted if not p.cancelled]
         for p in admitted:
             try:
                 self._start(p)
@@ -164,13 +163,16 @@ class BatchEngine:
                 out.append((p, e))
         for row, token in self.decoder.step().items():
             p = self.active[row]
-            response = p.seq.add(token)
-            if response.finish_reason is None:
-                out.append((p, response))
-                continue
-            self.decoder.remove(row)
-            del self.active[row]
-            out.append((p, self._finish(p, response)))
+            try:
+                response = p.seq.add(token)
+                if response.finish_reason is not None:
+                    self.decoder.remove(row)
+                    del self.active[row]
+                    response = self._finish(p, response)
+            except Exception as e:  # noqa: BLE001 - that page's own text or result failed: the others go on
+                self.cancel(p)
+                response = e
+            out.append((p, response))
         return out
 
     def _vision(self, pages: list[Page]) -> None:
@@ -195,6 +197,8 @@ class BatchEngine:
             group.clear()
 
         for p in pages:
+            if not p.inputs.global_pixels.shape[0]:
+                continue  # no image: nothing to encode
             views = p.inputs.global_pixels.shape[0] + p.inputs.crop_pixels.shape[0]
             if group and (
                 _view_shape(group[0].inputs) != _view_shape(p.inputs) or _views(group) + views > VISION_VIEWS
@@ -310,6 +314,7 @@ def _merged(inputs: list[ProcessedInputs]) -> ProcessedInputs:
 
 
 _bound: contextvars.ContextVar[BatchRunner | None] = contextvars.ContextVar("dsocr_batch_runner", default=None)
+_check: contextvars.ContextVar[Callable[[], None] | None] = contextvars.ContextVar("dsocr_batch_check", default=None)
 
 
 def bound_runner() -> BatchRunner | None:
@@ -336,28 +341,33 @@ class BatchRunner:
         self.closed: Exception | None = None
 
     @contextlib.contextmanager
-    def bound(self) -> Iterator[None]:
-        """Within this block, the calling thread's pages join this runner's batch."""
-        token = _bound.set(self)
+    def bound(self, check: Callable[[], None] | None = None) -> Iterator[None]:
+        """Within this block, the calling thread's pages join this runner's batch; ``check`` is called at
+        each of their tokens and stops the page when it raises (its job was cancelled or timed out)."""
+        token, checking = _bound.set(self), _check.set(check)
         try:
             yield
         finally:
+            _check.reset(checking)
             _bound.reset(token)
 
     def stream(self, page: Page) -> Iterator[GenerationResponse]:
         """Queue ``page`` and yield its responses as the owner thread produces them (any thread)."""
         responses: queue.SimpleQueue = queue.SimpleQueue()
+        check = _check.get()
         if self.closed is not None:
             raise self.closed
         self.inbox.put(("add", page, responses.put))
         self.wake()
         if self.closed is not None:  # closed meanwhile: the owner may never take the page
-            self.close(self.closed)
+            self._refuse(self.closed)  # (the batch itself is the owner's: never touched from here)
         try:
             while True:
                 item = responses.get()
                 if isinstance(item, Exception):
                     raise item
+                if check is not None:  # whatever the reader does with the tokens (it may show none)
+                    check()
                 yield item
                 if item.result is not None:
                     return
@@ -398,6 +408,11 @@ class BatchRunner:
     def close(self, error: Exception) -> None:
         """Stop for good: every page in or on its way to the batch, and every later one, gets ``error``."""
         self.closed = error
+        self._refuse(error)
+        self.fail_all(error)
+
+    def _refuse(self, error: Exception) -> None:
+        """Give the pages on their way in ``error`` (any thread)."""
         while True:
             try:
                 kind, page, sink = self.inbox.get_nowait()
@@ -405,7 +420,6 @@ class BatchRunner:
                 break
             if kind == "add":
                 sink(error)
-        self.fail_all(error)
 
     def fail_all(self, error: Exception) -> None:
         """Give every page in the batch ``error`` and empty it (a step failed for all of them)."""

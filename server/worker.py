@@ -27,7 +27,7 @@ from dsocr_mlx.engine import BatchEngine, BatchRunner
 logger = logging.getLogger(__name__)
 
 Emit = Callable[[Any], None]
-Work = Callable[[Any, Emit], Any]  # (model, emit) -> result, run on the worker thread
+Work = Callable[[Any, Emit], Any]  # (model, emit) -> result, run on a job thread (see InferenceWorker)
 
 
 def _malloc_trim() -> Callable[[int], int] | None:
@@ -43,10 +43,17 @@ _TRIM = _malloc_trim()
 
 
 def release_freed_memory() -> None:
-    """Give the memory freed by a job (decoded pages, activations) back to the system: glibc keeps it
-    in its arenas otherwise, and a server's resident size stays at its peak while idle."""
+    """Give the memory freed by a job (decoded pages, activations) or an unloaded model back to the system:
+    glibc keeps it in its arenas otherwise, MLX and PyTorch's CUDA allocator in their buffer caches (MLX's on
+    Apple's GPU up to the memory limit), and a server's resident size stays at its peak while idle."""
     if _TRIM is not None:
         _TRIM(0)
+    mx = sys.modules.get("mlx.core")
+    if mx is not None:
+        mx.clear_cache()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 class QueueFull(RuntimeError):
@@ -85,12 +92,16 @@ class Job:
     keep_alive: float | None = None
     needs_model: bool = True
 
-    def emit(self, event: Any) -> None:
-        """Pass an event to the client; the check here is what cancels a job at its next token."""
+    def check(self) -> None:
+        """Raise if the job is to stop: its client left, or it ran past its deadline (called at every token)."""
         if self.cancelled.is_set():
             raise JobCancelled()
         if time.monotonic() > self.deadline:
             raise JobTimeout()
+
+    def emit(self, event: Any) -> None:
+        """Pass an event to the client (after :meth:`check`)."""
+        self.check()
         self.sink(("event", event))
 
 
@@ -269,7 +280,8 @@ class InferenceWorker:
             else:  # a control job (an unload): runs here, without the model, when no job is running
                 try:
                     result = job.work(None, job.emit)
-                    self._keep(job.keep_alive)
+                    if job.model == self.resident:  # unloading a model not in memory leaves the loaded one
+                        self._keep(job.keep_alive)
                     job.sink(("done", result))
                 except Exception as e:  # noqa: BLE001 - reported to the job
                     self._finished(job, error=e)
@@ -280,7 +292,7 @@ class InferenceWorker:
         """A job's work, on a job thread: its pages join the batch the worker thread steps."""
         start = time.monotonic()
         try:
-            with runner.bound():
+            with runner.bound(job.check):
                 result = job.work(model, job.emit)
             job.sink(("done", result))
         except JobCancelled:
@@ -300,7 +312,8 @@ class InferenceWorker:
                 job.sink(("error", error))
         with self._lock:
             self.running.discard(job)
-            self._next_keep, self._ended = job.keep_alive, True
+            if job.needs_model:  # a control job has applied its keep_alive (see _start_jobs)
+                self._next_keep, self._ended = job.keep_alive, True
         self._wake.set()
 
     def _run(self) -> None:

@@ -201,3 +201,128 @@ def test_cli_batch_size_gives_the_same_results_in_input_order(tiny_ckpt, sample_
         assert [line.split("]")[0] for line in lines] == ["dsocr: [1/4", "dsocr: [2/4", "dsocr: [3/4", "dsocr: [4/4"]
         outputs[size] = {p.relative_to(out): p.read_text() for p in sorted(out.rglob("*.mmd"))}
     assert outputs["1"] == outputs["4"] and len(outputs["1"]) == 3 * 2 + 2  # result.mmd, result_ori.mmd; doc*.mmd
+
+
+def _noise(seed: int) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (90, 120, 3), dtype=np.uint8))
+
+
+def _run_engine(engine, pages, steps: int = 200) -> dict:
+    """Step ``engine`` until ``pages`` are done (or ``steps`` ran out): each page's result or exception."""
+    outcomes = {}
+    for _ in range(steps):
+        for page, response in engine.step():
+            if isinstance(response, Exception):
+                outcomes[id(page)] = response
+            elif response.result is not None:
+                outcomes[id(page)] = response.result
+        if all(p.done for p in pages):
+            break
+    return {i: outcomes.get(id(p)) for i, p in enumerate(pages)}
+
+
+def test_a_page_whose_vision_fails_fails_alone(tiny_model, monkeypatch):
+    """Pages whose vision towers run in one call: the failing one gets its error, the others decode on."""
+    from dsocr_mlx.engine import BatchEngine
+
+    images = [_noise(seed) for seed in (1, 2, 3)]
+    kwargs = dict(mode="tiny", task="free", max_new_tokens=5, retry_on_repetition=False)
+    want = [tiny_model.ocr(im, **kwargs).token_ids for im in images]
+    bad = tiny_model.prepare(images[1], mode="tiny").global_pixels[0]
+    runtime, real = tiny_model.runtime, tiny_model.runtime.image_embeddings
+
+    def failing(inputs):
+        if any(np.array_equal(g, bad) for g in inputs.global_pixels):
+            raise RuntimeError("out of memory in the vision towers")
+        return real(inputs)
+
+    monkeypatch.setattr(runtime, "image_embeddings", failing)
+    tiny_model.clear_vision_cache()
+    engine = BatchEngine(tiny_model, 3)
+    pages = [engine.submit(im, **kwargs) for im in images]
+    got = _run_engine(engine, pages)
+    assert isinstance(got[1], RuntimeError)
+    assert [got[0].token_ids, got[2].token_ids] == [want[0], want[2]]
+    assert len(engine) == 0
+
+
+def test_pages_without_images_decode_together(tiny_model):
+    from dsocr_mlx.engine import BatchEngine
+
+    prompts = ["Tell me a story.", "Write a poem about the sea."]
+    want = [tiny_model.ocr(None, p, max_new_tokens=5).token_ids for p in prompts]
+    engine = BatchEngine(tiny_model, 2)
+    pages = [engine.submit(None, p, max_new_tokens=5) for p in prompts]
+    got = _run_engine(engine, pages)
+    assert [got[0].token_ids, got[1].token_ids] == want
+
+
+def test_run_items_lets_go_of_each_page_once_it_is_done(tiny_model, tmp_path, monkeypatch):
+    """A long run holds the pages in flight, not every page it has read (each holds its pixels)."""
+    import gc
+    import weakref
+
+    from dsocr_mlx import batch
+    from dsocr_mlx.engine import BatchEngine
+    from dsocr_mlx.options import OCROptions
+
+    refs, real = [], BatchEngine.submit
+    monkeypatch.setattr(BatchEngine, "submit", lambda *a, **k: refs.append(weakref.ref(page := real(*a, **k))) or page)
+    rng = np.random.default_rng(4)
+    pages = [Image.fromarray(rng.integers(0, 255, (90, 70, 3), dtype=np.uint8)) for _ in range(5)]
+    pages[0].save(tmp_path / "doc.pdf", "PDF", save_all=True, append_images=pages[1:])
+    for i in range(2):
+        pages[i].save(tmp_path / f"p{i}.png")
+    live = []
+
+    class Events:
+        def __getattr__(self, name):
+            return lambda *args: None
+
+        def page_done(self, result):
+            gc.collect()
+            live.append(sum(r() is not None for r in refs))
+
+    items = batch.expand_inputs([str(tmp_path / n) for n in ("doc.pdf", "p0.png", "p1.png")])
+    options = OCROptions(mode="tiny", max_new_tokens=3)
+    outcomes = list(batch.run_items(tiny_model, items, options, events=Events(), batch_size=2))
+    assert [len(o.results) for o in outcomes] == [5, 1, 1] and len(refs) == 7
+    assert max(live) <= 3  # the pages decoding (2), and the one just finished
+
+
+def test_a_page_whose_result_fails_fails_alone(tiny_model, monkeypatch):
+    """A page that fails as it finishes (its text or result) gets the error; a page finishing in the same
+    step still gets its result (a server's job would otherwise wait for it forever)."""
+    from dsocr_mlx.engine import BatchEngine
+
+    images = [_noise(seed) for seed in (1, 2)]
+    kwargs = dict(mode="tiny", task="free", max_new_tokens=4, retry_on_repetition=False, detect_loops=False)
+    want = tiny_model.ocr(images[1], **kwargs).token_ids
+    engine = BatchEngine(tiny_model, 2)
+    pages = [engine.submit(im, **kwargs) for im in images]
+    real = BatchEngine._finish
+
+    def finish(self, page, response):
+        if page is pages[0]:
+            raise RuntimeError("the result could not be built")
+        return real(self, page, response)
+
+    monkeypatch.setattr(BatchEngine, "_finish", finish)
+    got = _run_engine(engine, pages)
+    assert isinstance(got[0], RuntimeError) and got[1].token_ids == want
+    assert len(engine) == 0
+
+
+def test_a_page_sent_as_the_runner_closes_is_refused_without_touching_the_batch(tiny_model):
+    """A reader that finds the runner closed after queueing its page gets the error; the batch (and the
+    model under it) stays the owner thread's, which empties it as it closes."""
+    from dsocr_mlx.engine import BatchEngine, BatchRunner, prepare_page
+
+    engine = BatchEngine(tiny_model, 2)
+    runner = BatchRunner(engine, wake=lambda: setattr(runner, "closed", RuntimeError("shutting down")))
+    running = engine.submit(None, "Tell me a story.", max_new_tokens=50)
+    engine.step()  # decoding: a row of the batch
+    page = prepare_page(tiny_model, None, "Write a poem.", max_new_tokens=5)
+    with pytest.raises(RuntimeError, match="shutting down"):
+        next(runner.stream(page))  # its page is queued, then the runner is found closed
+    assert not running.cancelled and len(engine.decoder) == 1

@@ -277,3 +277,33 @@ def test_keep_alive_unloads_and_reloads(tiny_model, tiny_ckpt):
         assert body["done_reason"] == "load" and state() == "loaded" and len(loads) == 3
         status, _, body = request(base, "/api/generate", {"model": "tiny", "keep_alive": "soon"})
         assert status == 400 and "keep_alive" in body["error"]
+
+
+def test_unloading_another_model_keeps_the_resident_one(tiny_model, tiny_ckpt, tmp_path):
+    """``ollama stop other`` (keep_alive 0 naming a model that is not in memory) leaves the loaded one loaded."""
+    other = tmp_path / "other"
+    shutil.copytree(tiny_ckpt, other)
+    loads = []
+
+    def loader(path):
+        loads.append(path)
+        return tiny_model
+
+    with running_server(tiny_ckpt, {"other": str(other)}, loader=loader) as base:
+        status, _, body = request(base, "/api/generate", {"model": "other", "keep_alive": 0})
+        assert status == 200 and body["done_reason"] == "unload"
+        time.sleep(0.3)  # the worker applies a finished job's keep_alive once idle
+        assert request(base, "/health", key=None)[2]["model"] == "tiny" and len(loads) == 1
+        status, _, body = request(base, "/api/generate", {"model": "tiny", "keep_alive": 0})
+        assert status == 200 and request(base, "/health", key=None)[2]["model"] is None
+
+
+def test_an_unloaded_model_leaves_no_memory_in_the_backends_cache(tiny_model, tiny_ckpt, monkeypatch):
+    """MLX keeps freed buffers in its own cache (on Apple's GPU up to the memory limit): unloading empties it,
+    or an unloaded model would still hold its memory."""
+    mx = pytest.importorskip("mlx.core")
+    cleared = []
+    monkeypatch.setattr(mx, "clear_cache", lambda: cleared.append(1))
+    with running_server(tiny_ckpt, loader=lambda _: tiny_model) as base:
+        status, _, body = request(base, "/api/generate", {"model": "tiny", "keep_alive": 0})
+        assert status == 200 and body["done_reason"] == "unload" and cleared

@@ -933,3 +933,39 @@ def test_web_history_paths_and_session_cookies_resist_forgery(tiny_ckpt, tmp_pat
         assert (
             kit.request(url, "/api/login", {"key": kit.KEY}, key=None, headers={"Origin": "http://evil.test"})[0] == 403
         )
+
+
+def slow_decoding(model, delay: float) -> list[int]:
+    """Slow ``model``'s batch decode steps by ``delay`` each; returns the list that counts them."""
+    import time
+
+    steps, real = [], model.runtime.decoder
+
+    def decoder():
+        d = real()
+        step = d.step
+        d.step = lambda: (time.sleep(delay), steps.append(1), step())[-1]
+        return d
+
+    model.runtime.decoder = decoder
+    return steps
+
+
+def test_an_upload_whose_client_leaves_stops_though_it_streams_no_text(tiny_ckpt):
+    """``/v1/ocr`` sends its text at the end (JSON output shows none before): a client that leaves still frees
+    the worker at the next token, not after all of them."""
+    import http.client
+
+    kit = server_kit()
+    model = dsocr_mlx.load(str(tiny_ckpt), dtype="float32")
+    steps = slow_decoding(model, 0.02)
+    with kit.running_server(tiny_ckpt, loader=lambda _: model, max_tokens_cap=400) as url:
+        health = lambda: kit.request(url, "/health", key=None)[2]  # noqa: E731
+        fields = {"max_tokens": "400", "output": "json", "detect_loops": "false", "ignore_eos": "true"}
+        body, ctype = kit.multipart(fields, ("page.png", kit.png()))
+        conn = http.client.HTTPConnection(url.removeprefix("http://"), timeout=60)
+        conn.request("POST", "/v1/ocr", body, {"Authorization": f"Bearer {kit.KEY}", "Content-Type": ctype})
+        kit.wait_for(lambda: len(steps) > 5)
+        conn.close()
+        kit.wait_for(lambda: not health()["busy"], 30)
+    assert len(steps) < 200  # stopped soon after the client left, long before its 400 tokens
