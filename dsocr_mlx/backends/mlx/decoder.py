@@ -109,20 +109,33 @@ class SwitchGLU(nn.Module):
         return y.reshape(*lead, k, -1)
 
     def grouped(self, x: mx.array, indices: mx.array) -> mx.array:
-        """The same, one matmul per expert over its tokens: MLX's CPU ``gather_mm`` is about 2.7x slower for
-        a prefill (1.06 s vs 0.39 s per full-size layer at 278 tokens). Reads the routing on the host."""
+        """The same, each chosen expert's weights read once for all its tokens. Reads the routing on the host.
+
+        The tokens are laid out as one zero-padded block of rows per chosen expert, ``(experts, rows, D)``, and
+        each block goes through its expert in one ``gather_mm`` call. MLX's CPU kernels make this the fast
+        way there (full-size layer, 2 cores): against its ``gather_mm`` over sorted pairs it is 10x faster for
+        2 tokens and 35x for 16; against one matmul per expert on a weight slice (the slice is copied first)
+        5x for 2 tokens, 3.7x for 16, 1.9x for a 278-token prefill and 1.1x for 1121. The padding rows are
+        wasted arithmetic, never read back.
+        """
         k, D = indices.shape[-1], x.shape[-1]
         flat = np.array(indices.flatten())
         order = np.argsort(flat, kind="stable")
-        counts = np.bincount(flat, minlength=self.gate_proj.weight.shape[0])
-        rows = x.reshape(-1, D)[mx.array(order // k)]
-        outs, start = [], 0
-        for expert in np.nonzero(counts)[0]:
-            r = rows[start : start + counts[expert]]
-            start += counts[expert]
-            h = nn.silu(r @ self.gate_proj.weight[expert].T) * (r @ self.up_proj.weight[expert].T)
-            outs.append(h @ self.down_proj.weight[expert].T)
-        return mx.concatenate(outs)[mx.array(np.argsort(order))].reshape(*indices.shape, D)
+        experts, counts = np.unique(flat, return_counts=True)
+        rows = int(counts.max())
+        # Pair order[j] (sorted by expert) goes to row ``slot`` of its expert's block.
+        slot = np.arange(flat.size) - np.repeat(np.cumsum(counts) - counts, counts)
+        dest = np.repeat(np.arange(experts.size), counts) * rows + slot
+        source = np.zeros(experts.size * rows, dtype=np.int64)  # padding rows repeat token 0
+        source[dest] = order // k
+        blocks = x.reshape(-1, D)[mx.array(source)].reshape(experts.size, rows, D)
+        ids = mx.array(experts.astype(np.uint32))
+        g, u, d = (p.weight.swapaxes(-1, -2) for p in (self.gate_proj, self.up_proj, self.down_proj))
+        h = nn.silu(mx.gather_mm(blocks, g, rhs_indices=ids)) * mx.gather_mm(blocks, u, rhs_indices=ids)
+        out = mx.gather_mm(h, d, rhs_indices=ids).reshape(-1, D)
+        position = np.empty_like(dest)
+        position[order] = dest  # where pair j (in the caller's order) landed
+        return out[mx.array(position)].reshape(*indices.shape, D)
 
 
 class MoEGate(nn.Module):
