@@ -189,9 +189,9 @@ def run_benchmark(
     """Load, warm up once, then time ``trials`` runs; returns settings, environment, per-trial and median stages."""
     import dsocr_mlx
 
-    bench_options(mode, tokens)  # a bad mode or token count fails before the model loads
+    options = bench_options(mode, tokens)  # a bad mode or token count fails before the model loads
     t = time.perf_counter()
-    model = dsocr_mlx.load(model_path, backend=backend, dtype=dtype, device=device)
+    model = dsocr_mlx.load(model_path, backend=backend, dtype=dtype, device=device, options=options)
     load_s = time.perf_counter() - t
     mode = resolve_mode(model, mode)
     image = image or page_image()
@@ -314,8 +314,8 @@ def run_batch_benchmark(
     part in the decode speed); images of 640x560 are tiled by neither family."""
     import dsocr_mlx
 
-    bench_options(mode, tokens)
-    model = dsocr_mlx.load(model_path, backend=backend, dtype=dtype, device=device)
+    checked = bench_options(mode, tokens)  # and a mode of the other family, once config.json is read
+    model = dsocr_mlx.load(model_path, backend=backend, dtype=dtype, device=device, options=checked)
     mode = mode or {"deepseek-ocr": "tiny"}.get(model.family) or resolve_mode(model, None)
     options = bench_options(mode, tokens)
     images = [page_image(640, 560, seed=100 + i) for i in range(max(batch_sizes))]
@@ -428,8 +428,8 @@ def run_pdf_benchmark(
 
     from .pdf import save_images_as_pdf
 
-    OCROptions(mode=mode, max_new_tokens=tokens)  # a bad mode or token count fails before the model loads
-    model = dsocr_mlx.load(model_path, backend=backend, dtype=dtype, device=device)
+    checked = OCROptions(mode=mode, max_new_tokens=tokens)  # a bad mode or token count fails before the load
+    model = dsocr_mlx.load(model_path, backend=backend, dtype=dtype, device=device, options=checked)
     mode = resolve_mode(model, mode)
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
         path = Path(tmp) / "pages.pdf"

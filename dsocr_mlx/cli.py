@@ -218,8 +218,8 @@ def ocr(
         int | None,
         Opt(
             min=1,
-            help="Pages decoded together, sharing each decode step [default: 8 on Apple's GPU, 16 on CUDA, "
-            "4 on a CPU]; results still come in input order.",
+            help="Pages decoded together, sharing each decode step [default: 16 on CUDA, 8 on Apple's GPU or a "
+            "CPU]; results still come in input order.",
             show_default=False,
         ),
     ] = None,
@@ -596,6 +596,8 @@ def bench(
         result = run_benchmark(
             model, backend=backend, dtype=dtype, mode=mode, tokens=tokens, trials=trials, device=device
         )
+    except OptionError as e:
+        raise _fail(f"--{e.option.replace('_', '-')}: {e}", 2) from None
     except (FileNotFoundError, ValueError, ImportError) as e:
         raise _fail(str(e)) from None
     typer.echo(describe(result))
@@ -649,8 +651,17 @@ def _bench_batches(
         pdf = None
         if pdf_pages > 0:
             pdf = run_pdf_benchmark(
-                model, backend=backend, dtype=dtype, pages=pdf_pages, tokens=tokens, device=device, batch_sizes=sizes
+                model,
+                backend=backend,
+                dtype=dtype,
+                mode=result["settings"]["mode"],
+                pages=pdf_pages,
+                tokens=tokens,
+                device=device,
+                batch_sizes=sizes,
             )
+    except OptionError as e:
+        raise _fail(f"--{e.option.replace('_', '-')}: {e}", 2) from None
     except (FileNotFoundError, ValueError, ImportError) as e:
         raise _fail(str(e)) from None
     typer.echo(batch_table(result, pdf))

@@ -106,3 +106,16 @@ def test_bench_batch_sizes_and_pdf_pages_per_minute(tiny_ckpt, tmp_path):
         assert chart.size[0] > 100
     bad = CliRunner().invoke(app, [*args[:-1], "1,zero"])
     assert bad.exit_code == 2 and "positive integers" in bad.stderr
+
+
+def test_bench_runs_deepseek_ocr_2_in_its_official_mode(tiny_v2_ckpt, tmp_path):
+    out = tmp_path / "bench2"
+    args = ["bench", "--model", str(tiny_v2_ckpt), "--backend", "mlx", "--tokens", "2", "--trials", "1"]
+    result = CliRunner().invoke(app, [*args, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "bench.json").read_text())[0]
+    # The 1300x1000 page: the 1024 global view (257 tokens) and 3x2 tiles of 768 (144 each).
+    assert data["settings"]["mode"] == "default" and data["median"]["image_tokens"] == 257 + 6 * 144
+    assert data["median"]["tiles"] == 6 and data["median"]["vision_per_tile_s"] > 0
+    refused = CliRunner().invoke(app, [*args, "--mode", "tiny"])
+    assert refused.exit_code == 2 and "default" in refused.output
