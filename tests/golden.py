@@ -99,8 +99,10 @@ def decoder_report(model, inputs, npz) -> str:
     return "; ".join(found)
 
 
-def check_case(model: Any, golden_dir: Path, case: dict) -> None:
-    """Hold ``model`` to one golden case (inputs, pixels, embeddings, logits, 32 greedy tokens)."""
+def check_case(model: Any, golden_dir: Path, case: dict) -> tuple[Any, Any]:
+    """Hold ``model`` to one golden case (inputs, pixels, embeddings, logits, 32 greedy tokens).
+
+    Returns the case's prepared inputs and vision embeddings, for :func:`check_batch`."""
     npz = np.load(golden_dir / "cases" / f"{case['id']}.npz")
     image = golden_dir / case["image"]
 
@@ -138,3 +140,30 @@ def check_case(model: Any, golden_dir: Path, case: dict) -> None:
     result = model.ocr(image, prompt=case["prompt"], mode=case["mode"], max_new_tokens=32)
     assert result.token_ids == case["greedy"]["generated_ids"], decoder_report(model, inputs, npz)
     assert result.prompt_tokens == case["n_tokens"] and result.image_tokens == case["n_image_tokens"]
+    return inputs, model.vision_embeddings(inputs)  # the one-entry cache still holds this image's
+
+
+def check_batch(model: Any, cases: list[dict], prepared: list[tuple[Any, Any]]) -> None:
+    """The cases' prompts (different lengths, modes and tile counts) decoding together in one batch, rows
+    joining one step apart: every row's greedy tokens are the official ones, as when decoded alone."""
+    from dsocr_mlx import OCROptions
+
+    assert len({len(inputs.input_ids) for inputs, _ in prepared}) > 1, "the rows should differ in length"
+    decoder = model.runtime.decoder()
+    want, got = {}, {}
+    for case, (inputs, embeddings) in zip(cases, prepared):
+        expected = case["greedy"]["generated_ids"]
+        params = OCROptions(mode=case["mode"]).sampling_params()
+        row = decoder.add(inputs, embeddings, len(expected), params)
+        want[row], got[row] = expected, []
+        for r, token in decoder.step().items():  # the next row joins a batch already decoding
+            got[r].append(token)
+            if len(got[r]) == len(want[r]):
+                decoder.remove(r)
+    while len(decoder):
+        for r, token in decoder.step().items():
+            got[r].append(token)
+            if len(got[r]) == len(want[r]):
+                decoder.remove(r)
+    wrong = [c["id"] for c, r in zip(cases, want) if got[r] != want[r]]
+    assert not wrong, f"cases whose tokens differ in a batch: {wrong}"

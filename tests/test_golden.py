@@ -7,9 +7,12 @@ import json
 
 import pytest
 
-from tests.golden import check_case
+from tests.golden import check_batch, check_case
 
 pytestmark = pytest.mark.slow
+
+# Each backend's passing cases: their prepared inputs and vision embeddings, for the batched run.
+PREPARED: dict[str, dict[str, tuple]] = {}
 
 CASE_IDS = ["p01", "p02", "p03", "p04", "p05", "p06"]
 
@@ -33,4 +36,12 @@ def cases(golden_dir):
 
 @pytest.mark.parametrize("case_id", CASE_IDS)
 def test_golden_case(golden_model, golden_dir, cases, case_id):
-    check_case(golden_model, golden_dir, cases[case_id])
+    PREPARED.setdefault(golden_model.backend, {})[case_id] = check_case(golden_model, golden_dir, cases[case_id])
+
+
+def test_golden_cases_decode_together(golden_model, cases):
+    """After the cases (pytest groups the tests of one backend), all of them decode as one batch."""
+    done = PREPARED.pop(golden_model.backend, {})
+    if len(done) < 2:
+        pytest.skip("needs the cases above to have passed on this backend")
+    check_batch(golden_model, [cases[c] for c in done], list(done.values()))

@@ -7,9 +7,12 @@ import json
 
 import pytest
 
-from tests.golden import check_case
+from tests.golden import check_batch, check_case
 
 pytestmark = pytest.mark.slow
+
+# Each backend's passing cases: their prepared inputs and vision embeddings, for the batched run.
+PREPARED: dict[str, dict[str, tuple]] = {}
 
 CASE_IDS = ["g01", "g02", "g03", "g04", "g05"]
 
@@ -33,4 +36,12 @@ def cases2(golden2_dir):
 
 @pytest.mark.parametrize("case_id", CASE_IDS)
 def test_golden2_case(golden2_model, golden2_dir, cases2, case_id):
-    check_case(golden2_model, golden2_dir, cases2[case_id])
+    PREPARED.setdefault(golden2_model.backend, {})[case_id] = check_case(golden2_model, golden2_dir, cases2[case_id])
+
+
+def test_golden2_cases_decode_together(golden2_model, cases2):
+    """After the cases (pytest groups the tests of one backend), all of them decode as one batch."""
+    done = PREPARED.pop(golden2_model.backend, {})
+    if len(done) < 2:
+        pytest.skip("needs the cases above to have passed on this backend")
+    check_batch(golden2_model, [cases2[c] for c in done], list(done.values()))
