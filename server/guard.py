@@ -14,7 +14,7 @@ from starlette.responses import JSONResponse
 
 from .protocol import APIError
 from .session import cookie_token, valid_token
-from .worker import JobCancelled, JobTimeout, ModelLoadError, QueueFull
+from .worker import JobCancelled, JobTimeout, ModelLoadError, QueueFull, ServerStopping
 
 logger = logging.getLogger("dsocr_server")
 access_log = logging.getLogger("dsocr_server.access")
@@ -32,6 +32,8 @@ def as_api_error(e: BaseException) -> APIError:
         return APIError(429, str(e), "rate_limit_error", "queue_full", headers={"Retry-After": str(e.retry_after)})
     if isinstance(e, JobTimeout):
         return APIError(504, "the request took longer than the server's request_timeout", "timeout_error", "timeout")
+    if isinstance(e, ServerStopping):
+        return APIError(503, str(e), "server_error", "shutting_down", headers={"Retry-After": "10"})
     if isinstance(e, ModelLoadError):
         return APIError(503, str(e), "server_error", "model_unavailable")
     if isinstance(e, JobCancelled):

@@ -72,6 +72,13 @@ class JobTimeout(Exception):
     """The job ran past its deadline."""
 
 
+class ServerStopping(RuntimeError):
+    """The server is shutting down: a waiting job will not run, a running one was stopped."""
+
+    def __init__(self) -> None:
+        super().__init__("the server is shutting down; send the request again once it is back")
+
+
 class ModelLoadError(RuntimeError):
     """The model a job names could not be loaded."""
 
@@ -170,14 +177,18 @@ class InferenceWorker:
 
     @property
     def queued(self) -> int:
-        return len(self.waiting)
+        return sum(not job.cancelled.is_set() for job in list(self.waiting))
 
     def stop(self, timeout: float = 10.0) -> None:
         """Cancel the waiting and running jobs (each stops at its next token) and end the thread."""
         with self._lock:
             self._stopping = True
-            for job in [*self.waiting, *self.running]:
+            waiting, self.waiting = list(self.waiting), collections.deque()
+            for job in [*waiting, *self.running]:
                 job.cancelled.set()
+        for job in waiting:  # their clients are still waiting for an answer: say why none comes
+            with contextlib.suppress(Exception):
+                job.sink(("error", ServerStopping()))
         self._wake.set()
         self._thread.join(timeout)
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -202,7 +213,7 @@ class InferenceWorker:
             raise KeyError(model)
         job = Job(model, work, sink, time.monotonic() + timeout, keep_alive=keep_alive, needs_model=needs_model)
         with self._lock:
-            if len(self.waiting) >= self.max_queue:
+            if self._waiting_count() >= self.max_queue:
                 raise QueueFull(self._retry_after())
             self.waiting.append(job)
         self._wake.set()
@@ -210,8 +221,15 @@ class InferenceWorker:
 
     def check_room(self) -> None:
         """Raise :class:`QueueFull` now if a job submitted now would be refused (before any costly work)."""
-        if len(self.waiting) >= self.max_queue:
-            raise QueueFull(self._retry_after())
+        with self._lock:
+            if self._waiting_count() >= self.max_queue:
+                raise QueueFull(self._retry_after())
+
+    def _waiting_count(self) -> int:
+        """The waiting jobs, after dropping those whose clients left (they no longer hold a place); under the lock."""
+        if any(job.cancelled.is_set() for job in self.waiting):
+            self.waiting = collections.deque(job for job in self.waiting if not job.cancelled.is_set())
+        return len(self.waiting)
 
     def _retry_after(self) -> int:
         return max(1, math.ceil(self._mean_seconds * (len(self.waiting) + 1) / self.max_batch))
@@ -296,8 +314,11 @@ class InferenceWorker:
                 result = job.work(model, job.emit)
             job.sink(("done", result))
         except JobCancelled:
-            logger.info("job cancelled: its client went away")
-            self._finished(job)
+            if self._stopping:  # stopped by the shutdown, not by its client: tell the client
+                self._finished(job, error=ServerStopping())
+            else:
+                logger.info("job cancelled: its client went away")
+                self._finished(job)
         except Exception as e:  # noqa: BLE001 - the job's owner maps the error; the worker keeps serving
             if not isinstance(e, (JobTimeout, ModelLoadError, ValueError)):
                 logger.exception("inference job failed")
