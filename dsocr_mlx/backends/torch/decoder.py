@@ -58,10 +58,10 @@ class Attention(nn.Module):
         self.scale = self.head_dim**-0.5
         self.rope_theta = args.rope_theta
         bias = args.attention_bias
-        self.q_proj = nn.Linear(args.hidden_size, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(args.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(args.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, args.hidden_size, bias=bias)
+        self.q_proj = Linear(args.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = Linear(args.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = Linear(args.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = Linear(self.num_heads * self.head_dim, args.hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor, mask: Any = None, cache: Any = None) -> torch.Tensor:
         B, L, _ = x.shape
@@ -86,14 +86,32 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(B, L, -1))
 
 
+class Linear(nn.Linear):
+    """``nn.Linear`` that puts the weight on the left of the product on a CPU for more than one row.
+
+    MKL reads a weight 1.5 to 3x faster as ``W @ x.T`` than as ``x @ W.T`` for the few rows of a decode batch
+    (2 to 4 rows; no slower for hundreds), and decoding is bound by reading weights. One row (batch-1 decode)
+    and GPUs take the usual path.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
+        if rows < 2 or x.device.type != "cpu":
+            return super().forward(x)
+        y = (self.weight @ x.reshape(rows, x.shape[-1]).T).T
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
 class MLP(nn.Module):
     """SwiGLU feed-forward: the dense layers and the shared experts."""
 
     def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_proj = Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -150,9 +168,11 @@ class SwitchGLU(nn.Module):
         for expert, count in enumerate(counts):
             if count:
                 sel = order[start : start + count]
-                r = rows[sel]
-                h = F.silu(r @ self.gate_proj.weight[expert].T) * (r @ self.up_proj.weight[expert].T)
-                out[sel] = h @ self.down_proj.weight[expert].T
+                # Weight on the left: MKL reads a weight 2-3x faster this way for 2 to 4 rows (no slower for 1
+                # or for hundreds), which is what a decode batch gives each expert.
+                r = rows[sel].T
+                h = F.silu(self.gate_proj.weight[expert] @ r) * (self.up_proj.weight[expert] @ r)
+                out[sel] = (self.down_proj.weight[expert] @ h).T
                 start += count
         return out
 

@@ -13,7 +13,7 @@ from ...config import ModelArgs
 from ...weights import CONV_WEIGHTS, EXPERT_KEY
 from .cache import BatchKVCache, KVCache, make_batch_cache, make_cache
 from .clip import ClipVisionTower
-from .decoder import DecoderLayer, RMSNorm
+from .decoder import DecoderLayer, Linear, RMSNorm
 from .projector import Projector
 from .qwen2 import Qwen2Encoder
 from .sam import SamEncoder
@@ -134,7 +134,7 @@ class Model(nn.Module):
         super().__init__()
         self.args = args
         self.model = DeepseekOCRModel(args)
-        self.lm_head = nn.Linear(args.text.hidden_size, args.text.vocab_size, bias=False)
+        self.lm_head = Linear(args.text.hidden_size, args.text.vocab_size, bias=False)
 
     def forward(
         self,
