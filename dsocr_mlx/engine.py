@@ -42,7 +42,7 @@ def default_batch_size(model: OCRModel) -> int:
 
     Decoding is bound by reading the weights, so rows sharing a step are almost free until compute or
     memory catches up: each row holds its KV cache (up to 0.5 GB in float16 at the full 8192-token
-    context, 1 GB in float32). On a 2-core CPU 8 rows decode 3.1x as fast as one and 16 rows 4.1x
+    context, 1 GB in float32). On a 2-core CPU 8 rows decode 3.1x as fast as one and 16 rows 4.1x to 4.6x
     (README, "Batched decoding"); 16 rows' worst case would double the cache beside the weights.
     """
     device = str(model.device)
