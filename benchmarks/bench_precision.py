@@ -25,20 +25,8 @@ import numpy as np
 import dsocr_mlx
 from dsocr_mlx.convert import convert
 
-
-def kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
-    """KL(p || q) of the softmax distributions of two logit vectors."""
-    p = p_logits.astype(np.float64) - p_logits.max()
-    q = q_logits.astype(np.float64) - q_logits.max()
-    logp = p - np.log(np.exp(p).sum())
-    logq = q - np.log(np.exp(q).sum())
-    return float((np.exp(logp) * (logp - logq)).sum())
-
-
-def agreement(tokens: list[int], reference: list[int]) -> tuple[int, int]:
-    """(tokens equal before the first difference, tokens equal at the same position in all)."""
-    prefix = next((i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b), min(len(tokens), len(reference)))
-    return prefix, sum(a == b for a, b in zip(tokens, reference))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from golden_runs import agreement, kl, run_case  # noqa: E402
 
 
 def variant_model(name: str, ckpt: str, work: Path, backend: str):
@@ -72,18 +60,8 @@ def main() -> int:
         load_s = time.perf_counter() - t
         for cid in chosen:
             case = cases[cid]
-            image = golden / case["image"]
             t = time.perf_counter()
-            inputs = model.prepare(image, case["prompt"], mode=case["mode"])
-            logits = model.prefill_logits(inputs)
-            tokens = model.ocr(
-                image,
-                case["prompt"],
-                mode=case["mode"],
-                max_new_tokens=args.tokens,
-                no_repeat_ngram_size=0,
-                detect_loops=False,
-            ).token_ids
+            logits, tokens = run_case(model, golden, case, args.tokens)
             want = np.load(golden / "cases" / f"{cid}.npz")["prefill_last_logits"]
             prefix, same = agreement(tokens, case["greedy"]["generated_ids"][: args.tokens])
             rows.append(

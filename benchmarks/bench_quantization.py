@@ -22,13 +22,8 @@ import numpy as np
 import dsocr_mlx
 from dsocr_mlx.convert import convert
 
-
-def kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
-    p = p_logits.astype(np.float64) - p_logits.max()
-    q = q_logits.astype(np.float64) - q_logits.max()
-    logp = p - np.log(np.exp(p).sum())
-    logq = q - np.log(np.exp(q).sum())
-    return float((np.exp(logp) * (logp - logq)).sum())
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from golden_runs import agreement, kl, run_case  # noqa: E402
 
 
 def folder_bytes(folder: Path) -> int:
@@ -67,24 +62,12 @@ def main() -> int:
         kls, agree = [], []
         for cid in args.cases.split(","):
             case = cases[cid]
-            image = golden / case["image"]
-            inputs = model.prepare(image, case["prompt"], mode=case["mode"])
-            logits = model.prefill_logits(inputs)
-            tokens = model.ocr(
-                image,
-                case["prompt"],
-                mode=case["mode"],
-                max_new_tokens=args.tokens,
-                no_repeat_ngram_size=0,
-                detect_loops=False,
-            ).token_ids
+            logits, tokens = run_case(model, golden, case, args.tokens)
             if name == "float16":
                 reference[cid] = (logits, tokens)
             ref_logits, ref_tokens = reference[cid]
             kls.append(kl(ref_logits, logits))
-            same = next(
-                (i for i, (a, b) in enumerate(zip(tokens, ref_tokens)) if a != b), min(len(tokens), len(ref_tokens))
-            )
+            same, _ = agreement(tokens, ref_tokens)
             agree.append(same / max(len(ref_tokens), 1))
         rows.append((name, folder_bytes(folder) / 1e9, load_s, float(np.mean(kls)), float(np.mean(agree))))
         del model

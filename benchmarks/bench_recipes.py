@@ -18,6 +18,9 @@ import numpy as np
 import dsocr_mlx
 from dsocr_mlx.convert import convert
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from golden_runs import agreement, kl, run_case  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parent.parent / "shared"  # the reference configs beside the checkout (../shared)
 
@@ -31,13 +34,6 @@ VARIANTS = {
     "mixed_3_4": {"q_recipe": "mixed_3_4"},
     "mixed_2_6": {"q_recipe": "mixed_2_6"},
 }
-
-
-def kl(p_logits, q_logits) -> float:
-    p = p_logits.astype(np.float64) - p_logits.max()
-    q = q_logits.astype(np.float64) - q_logits.max()
-    logp, logq = p - np.log(np.exp(p).sum()), q - np.log(np.exp(q).sum())
-    return float((np.exp(logp) * (logp - logq)).sum())
 
 
 def computed_bytes(config: Path, kwargs: dict) -> int:
@@ -96,23 +92,12 @@ def main() -> int:
         kls, agree = [], []
         for cid in args.cases.split(","):
             case = cases[cid]
-            image = golden / case["image"]
-            logits = model.prefill_logits(model.prepare(image, case["prompt"], mode=case["mode"]))
-            tokens = model.ocr(
-                image,
-                case["prompt"],
-                mode=case["mode"],
-                max_new_tokens=args.tokens,
-                no_repeat_ngram_size=0,
-                detect_loops=False,
-            ).token_ids
+            logits, tokens = run_case(model, golden, case, args.tokens)
             if name == "float16":
                 reference[cid] = (logits, tokens)
             ref_logits, ref_tokens = reference[cid]
             kls.append(kl(ref_logits, logits))
-            same = next(
-                (i for i, (a, b) in enumerate(zip(tokens, ref_tokens)) if a != b), min(len(tokens), len(ref_tokens))
-            )
+            same, _ = agreement(tokens, ref_tokens)
             agree.append(same / max(len(ref_tokens), 1))
         row = {
             "variant": name,

@@ -969,3 +969,59 @@ def test_an_upload_whose_client_leaves_stops_though_it_streams_no_text(tiny_ckpt
         conn.close()
         kit.wait_for(lambda: not health()["busy"], 30)
     assert len(steps) < 200  # stopped soon after the client left, long before its 400 tokens
+
+
+def _ticking(events: list):
+    """A job's work that emits until it is stopped, and the sink that records what its client would see."""
+
+    import time
+
+    def work(model, emit):
+        while True:
+            time.sleep(0.01)
+            emit("tick")
+
+    return work, events.append
+
+
+def test_a_waiting_job_whose_client_left_frees_its_place_in_the_queue(tiny_model):
+    from dsocr_server.worker import InferenceWorker, QueueFull
+
+    worker = InferenceWorker({"m": "x"}, "m", loader=lambda _: tiny_model, max_queue=1, max_batch=1)
+    worker.start()
+    try:
+        running_events, gone_events, next_events = [], [], []
+        running = worker.submit("m", *_ticking(running_events), timeout=60)
+        server_kit().wait_for(lambda: worker.busy and running_events)
+        gone = worker.submit("m", *_ticking(gone_events), timeout=60)
+        with pytest.raises(QueueFull):
+            worker.check_room()
+        gone.cancelled.set()  # its client disconnected while it waited
+        assert worker.queued == 0
+        worker.check_room()  # its place is free again
+        worker.submit("m", lambda model, emit: "done", next_events.append, timeout=60)
+        running.cancelled.set()
+        server_kit().wait_for(lambda: ("done", "done") in next_events)
+        assert gone_events == []  # it never ran
+    finally:
+        worker.stop()
+
+
+def test_jobs_stopped_by_a_shutdown_are_told_so(tiny_model):
+    from dsocr_server.guard import as_api_error
+    from dsocr_server.worker import InferenceWorker, ServerStopping
+
+    worker = InferenceWorker({"m": "x"}, "m", loader=lambda _: tiny_model, max_queue=4, max_batch=1)
+    worker.start()
+    running_events, waiting_events = [], []
+    worker.submit("m", *_ticking(running_events), timeout=60)
+    server_kit().wait_for(lambda: worker.busy and running_events)
+    worker.submit("m", *_ticking(waiting_events), timeout=60)
+    worker.stop()
+    server_kit().wait_for(lambda: running_events[-1][0] == "error")
+    for events in (running_events, waiting_events):
+        kind, error = events[-1]
+        assert kind == "error" and isinstance(error, ServerStopping)
+        api = as_api_error(error)
+        assert api.status == 503 and "shutting down" in str(api)
+    assert waiting_events == [waiting_events[-1]]  # the waiting job never ran
